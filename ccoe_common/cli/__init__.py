@@ -1,0 +1,1 @@
+"""The `ccoe` command line."""

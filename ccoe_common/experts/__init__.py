@@ -1,0 +1,1 @@
+"""Expert artifacts: manifest, weights, validation, references."""

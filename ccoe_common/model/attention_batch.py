@@ -1,0 +1,85 @@
+"""Per-forward attention inputs, computed once and shared by every layer.
+
+Rows are right-padded: row b holds `query_lens[b]` real tokens at positions
+`positions[b, :query_lens[b]]`. Without a KV cache the keys are the query tokens themselves
+(training, parity checks, one-shot scoring). With a cache each row owns a slot and its keys
+are the slot's first `positions[b, 0] + query_lens[b]` entries.
+
+Shape legend: B = batch rows, T = query tokens per row, K = key tokens per row, E = head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ccoe_common.model.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    positions: Tensor  # [B, T] absolute position of each query token
+    query_lens: Tensor  # [B] real (non-padding) tokens per row
+    mask: Tensor  # [B, 1, T, K] True where a query may attend to a key
+    cos: Tensor  # [B, T, E]
+    sin: Tensor  # [B, T, E]
+    cache: KVCache | None = None
+    slots: Tensor | None = None  # [B] cache slot of each row
+    # Flat coordinates of the real tokens, used to write them into the cache: [N] each.
+    write_rows: Tensor | None = None
+    write_cols: Tensor | None = None
+    key_len: int = 0  # K when a cache is used
+
+    def take(self, rows: slice | Tensor) -> AttentionBatch:
+        """The same inputs restricted to a subset of rows (a slice or an index tensor)."""
+        write_rows = write_cols = None
+        if self.cache is not None:
+            row_ids = torch.arange(self.positions.shape[0], device=self.positions.device)[rows]
+            valid = torch.arange(self.positions.shape[1], device=self.positions.device)[None, :] < self.query_lens[row_ids][:, None]
+            write_rows, write_cols = valid.nonzero(as_tuple=True)
+        return AttentionBatch(
+            positions=self.positions[rows],
+            query_lens=self.query_lens[rows],
+            mask=self.mask[rows],
+            cos=self.cos[rows],
+            sin=self.sin[rows],
+            cache=self.cache,
+            slots=None if self.slots is None else self.slots[rows],
+            write_rows=write_rows,
+            write_cols=write_cols,
+            key_len=self.key_len,
+        )
+
+
+def build_attention_batch(
+    positions: Tensor,
+    query_lens: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cache: KVCache | None = None,
+    slots: Tensor | None = None,
+) -> AttentionBatch:
+    b, t = positions.shape
+    device = positions.device
+    cols = torch.arange(t, device=device)
+    valid_q = cols[None, :] < query_lens[:, None]  # [B, T]
+    if cache is None:
+        # Keys are this forward's own tokens: causal by position, padding never attended.
+        allowed = (positions[:, None, :] <= positions[:, :, None]) & valid_q[:, None, :]
+        return AttentionBatch(positions, query_lens, allowed[:, None], cos, sin)
+    if slots is None:
+        raise ValueError("a KV cache needs the slot of every row")
+    kv_lens = positions[:, 0] + query_lens  # [B] tokens in each slot after this forward
+    key_len = int(kv_lens.max())
+    if key_len > cache.max_seq_len:
+        raise ValueError(f"sequence of {key_len} tokens exceeds the KV cache's max_seq_len={cache.max_seq_len}")
+    keys = torch.arange(key_len, device=device)
+    allowed = (keys[None, None, :] <= positions[:, :, None]) & (keys[None, None, :] < kv_lens[:, None, None])
+    write_rows, write_cols = valid_q.nonzero(as_tuple=True)
+    return AttentionBatch(
+        positions, query_lens, allowed[:, None], cos, sin, cache, slots, write_rows, write_cols, key_len
+    )

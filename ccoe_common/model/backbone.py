@@ -1,0 +1,132 @@
+"""The decoder stack, with a forward pass where rows may use different experts.
+
+Rows arrive grouped: each `RowGroup` is a contiguous range of rows that run on one expert
+(or on none). At a layer where no group's expert replaces anything, the whole batch runs
+through the backbone's modules in one call. At a layer where some experts do, rows are
+bucketed by the module they need and each bucket runs once: one call per distinct module,
+never one per row. Shared work (embedding, attention of `ffn` experts, final norm, LM head)
+always runs once for the whole batch.
+
+Shape legend: B = batch rows, T = tokens per row, D = hidden size, V = vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ccoe_common.model.attention_batch import AttentionBatch, build_attention_batch
+from ccoe_common.model.config import BackboneConfig
+from ccoe_common.model.layers import DecoderLayer, LayerParts, RMSNorm, Rotary
+
+if TYPE_CHECKING:
+    from ccoe_common.model.expert import LoadedExpert
+    from ccoe_common.model.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows `rows` of the batch run on `expert` (None = the bare backbone)."""
+
+    expert: LoadedExpert | None
+    rows: slice
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, device, dtype) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(config, device="cpu" if device is None or str(device) == "meta" else device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def attention_batch(
+        self,
+        positions: Tensor,
+        query_lens: Tensor,
+        cache: KVCache | None = None,
+        slots: Tensor | None = None,
+    ) -> AttentionBatch:
+        cos, sin = self.rotary(positions, self.dtype)
+        return build_attention_batch(positions, query_lens, cos, sin, cache, slots)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        batch: AttentionBatch,
+        groups: Sequence[RowGroup] = (),
+        logits_at: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids: [B, T] -> logits [B, T, V], or [B, V] at `logits_at` ([B] token index per row)."""
+        h = self.embed_tokens(input_ids)  # [B, T, D]
+        experts_present = any(g.expert is not None for g in groups)
+        for i, layer in enumerate(self.layers):
+            if experts_present:
+                h = self._mixed_layer(i, layer, h, batch, groups)
+            else:
+                h = _run_layer(layer.parts(), h, batch, i)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # [B, D]
+        return self.lm_head(self.norm(h))
+
+    def _mixed_layer(self, i: int, layer: DecoderLayer, h: Tensor, batch: AttentionBatch, groups: Sequence[RowGroup]) -> Tensor:
+        base = layer.parts()
+        parts = [(g.rows, base if g.expert is None else g.expert.parts_at(i, base)) for g in groups]
+        if all(p is base for _, p in parts):
+            return _run_layer(base, h, batch, i)
+
+        def attn(p: LayerParts, x: Tensor, rows: slice | Tensor) -> Tensor:
+            return p.self_attn(p.input_layernorm(x), batch.take(rows), i)
+
+        def mlp(p: LayerParts, x: Tensor, rows: slice | Tensor) -> Tensor:
+            return p.mlp(p.post_attention_layernorm(x))
+
+        h = h + _bucketed(h, parts, LayerParts.attn_key, attn)
+        return h + _bucketed(h, parts, LayerParts.mlp_key, mlp)
+
+
+def _run_layer(p: LayerParts, h: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
+    h = h + p.self_attn(p.input_layernorm(h), batch, layer)
+    return h + p.mlp(p.post_attention_layernorm(h))
+
+
+def _bucketed(
+    h: Tensor,
+    parts: list[tuple[slice, LayerParts]],
+    key: Callable[[LayerParts], tuple[int, int]],
+    run: Callable[[LayerParts, Tensor, slice | Tensor], Tensor],
+) -> Tensor:
+    """Run each distinct module once over all rows that need it; rows keep their places."""
+    buckets: dict[tuple[int, int], tuple[LayerParts, list[slice]]] = {}
+    for rows, p in parts:
+        buckets.setdefault(key(p), (p, []))[1].append(rows)
+    if len(buckets) == 1:
+        p, _ = next(iter(buckets.values()))
+        return run(p, h, slice(None))
+    out = torch.empty_like(h)
+    for p, row_slices in buckets.values():
+        if len(row_slices) == 1:
+            rows: slice | Tensor = row_slices[0]
+            out[rows] = run(p, h[rows], rows)
+        else:
+            # Non-adjacent groups share this module (e.g. backbone rows and rows of an
+            # expert that does not touch this layer): gather them into one call.
+            idx = torch.cat([torch.arange(s.start, s.stop, device=h.device) for s in row_slices])
+            out[idx] = run(p, h[idx], idx)
+    return out

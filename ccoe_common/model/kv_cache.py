@@ -1,0 +1,50 @@
+"""Key/value storage: one contiguous slot of `max_seq_len` positions per sequence.
+
+Layout [L, S, G, P, E] (L = layers, S = slots, G = kv heads, P = positions, E = head dim) so a
+row's keys for one layer are a contiguous [G, P, E] block that attention reads directly.
+Which request owns which slot is the engine's business; this class only stores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ccoe_common.model.attention_batch import AttentionBatch
+from ccoe_common.model.config import BackboneConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: BackboneConfig,
+        num_slots: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        if num_slots < 1 or max_seq_len < 1:
+            raise ValueError(f"KVCache needs num_slots >= 1 and max_seq_len >= 1, got {num_slots} and {max_seq_len}")
+        shape = (config.num_layers, num_slots, config.num_kv_heads, max_seq_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def write_and_read(self, layer: int, k: Tensor, v: Tensor, batch: AttentionBatch) -> tuple[Tensor, Tensor]:
+        """Store this forward's keys/values, return each row's keys/values so far.
+
+        k, v: [B, G, T, E] -> [B, G, K, E] with K = batch.key_len.
+        """
+        slots, rows, cols = batch.slots, batch.write_rows, batch.write_cols
+        pos = batch.positions[rows, cols]
+        # Advanced indices around a slice put the indexed dim first: targets are [N, G, E].
+        self.k[layer][slots[rows], :, pos] = k[rows, :, cols]
+        self.v[layer][slots[rows], :, pos] = v[rows, :, cols]
+        k_all = self.k[layer][slots, :, : batch.key_len]
+        v_all = self.v[layer][slots, :, : batch.key_len]
+        return k_all, v_all

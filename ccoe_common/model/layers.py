@@ -1,0 +1,149 @@
+"""Decoder building blocks of the Llama / Qwen2 / Mistral family, in plain PyTorch.
+
+Parameter names match `transformers` (`self_attn.q_proj.weight`, `mlp.gate_proj.weight`, ...)
+so a checkpoint's state dict loads without renaming, and an expert's tensors carry the same
+names as the backbone modules they replace.
+
+Shape legend: B = batch rows, T = query tokens per row, K = key tokens per row,
+D = hidden size, H = query heads, G = key/value heads, E = head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ccoe_common.model.attention_batch import AttentionBatch
+from ccoe_common.model.config import BackboneConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 and cast back before scaling, exactly as transformers does.
+        in_dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(in_dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
+    """Inverse frequencies [E/2] for the rope variants in SUPPORTED_ROPE_TYPES."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.type == "linear":
+        return inv_freq / rope.params["factor"]
+    if rope.type == "llama3":
+        factor = rope.params["factor"]
+        low, high = rope.params["low_freq_factor"], rope.params["high_freq_factor"]
+        old_ctx = rope.params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, and the band in between
+        # interpolated linearly in 1/wavelength (Llama 3.1's context extension).
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        in_band = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(in_band, blended, scaled)
+    return inv_freq
+
+
+class Rotary(nn.Module):
+    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(config.rope, config.head_dim).to(device), persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # positions: [B, T] -> cos, sin: [B, T, E], computed in fp32 then cast.
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [B, heads, T, E]; cos, sin: [B, T, E]
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        d, h, g, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        kw = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(d, h * e, bias=config.qkv_bias, **kw)
+        self.k_proj = nn.Linear(d, g * e, bias=config.qkv_bias, **kw)
+        self.v_proj = nn.Linear(d, g * e, bias=config.qkv_bias, **kw)
+        self.o_proj = nn.Linear(h * e, d, bias=config.o_bias, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, g, e
+
+    def forward(self, x: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, E]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, E]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, batch.cos, batch.sin)
+        k = apply_rotary(k, batch.cos, batch.sin)
+        if batch.cache is not None:
+            k, v = batch.cache.write_and_read(layer, k, v, batch)  # [B, G, K, E]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=batch.mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # [B, H, T, E]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        d, i = config.hidden_size, config.intermediate_size
+        kw = {"device": device, "dtype": dtype, "bias": config.mlp_bias}
+        self.gate_proj = nn.Linear(d, i, **kw)
+        self.up_proj = nn.Linear(d, i, **kw)
+        self.down_proj = nn.Linear(i, d, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.self_attn = Attention(config, device, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.mlp = MLP(config, device, dtype)
+
+    def parts(self) -> LayerParts:
+        return LayerParts(self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp)
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """The four modules one decoder layer runs; an expert swaps in its own for some of them.
+
+    The two halves are keyed separately so rows whose experts differ only in the MLP still
+    share one attention call.
+    """
+
+    input_layernorm: nn.Module
+    self_attn: nn.Module
+    post_attention_layernorm: nn.Module
+    mlp: nn.Module
+
+    def attn_key(self) -> tuple[int, int]:
+        return id(self.input_layernorm), id(self.self_attn)
+
+    def mlp_key(self) -> tuple[int, int]:
+        return id(self.post_attention_layernorm), id(self.mlp)
