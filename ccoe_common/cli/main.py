@@ -1,5 +1,40 @@
-"""Entry point of the `ccoe` command."""
+"""Entry point of the `ccoe` command. Each subcommand lives in its own module of this package
+and registers itself with `register(subparsers)`; handlers return the process exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
-def main(argv=None) -> int:
-    print("ccoe: placeholder", file=sys.stderr)
-    return 0
+from collections.abc import Sequence
+
+from ccoe_common.cli import bench, demo, expert, generate
+from ccoe_common.cli.common import UserError
+from ccoe_common.settings import load_settings
+
+COMMANDS = (demo, generate, expert, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccoe", description="CCoE Serve: one backbone, many co-resident experts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (UserError, ValueError, LookupError, FileNotFoundError) as e:
+        # Expected, user-facing failures (bad path, bad artifact, unknown expert): one clear
+        # line, no traceback. Anything else is a bug and keeps its traceback.
+        print(f"ccoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

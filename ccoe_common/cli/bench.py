@@ -1,0 +1,15 @@
+"""`ccoe bench ...`: benchmark scripts that print ratios measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+
+from ccoe_common.bench import memory
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="run a benchmark (ratios measured side by side in one run)")
+    kinds = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    p = kinds.add_parser("memory", help="resident memory: CCoE vs n separate models vs n LoRA adapters")
+    memory.add_arguments(p)
+    p.set_defaults(handler=memory.run)

@@ -1,0 +1,63 @@
+"""Helpers every subcommand shares: errors, JSON output, tables, progress, device/dtype flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="torch device (default: CCOE_DEVICE, else cuda if present, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), default="auto",
+                        help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=None, separators=(",", ":"), default=str)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class Progress:
+    """One-line progress on stderr ("[3/12] ccoe n=5 ... 41s"), silent when quiet."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.done, self.quiet, self.start = total, 0, quiet, time.monotonic()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.quiet:
+            elapsed = time.monotonic() - self.start
+            print(f"[{self.done}/{self.total}] {label} ({elapsed:.0f}s)", file=sys.stderr, flush=True)

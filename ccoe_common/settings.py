@@ -1,0 +1,36 @@
+"""Environment variables, read here and nowhere else. All start with CCOE_.
+
+CCOE_CACHE_DIR   where demo models and other generated assets are cached (default ~/.cache/ccoe)
+CCOE_LOG_LEVEL   logging level for the ccoe command (default WARNING)
+CCOE_DEVICE      default torch device for commands that load a model (default: cuda if present, else cpu)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: Path
+    log_level: str
+    device: str
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_settings() -> Settings:
+    level = os.environ.get("CCOE_LOG_LEVEL", "WARNING").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"CCOE_LOG_LEVEL={level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)")
+    return Settings(
+        cache_dir=Path(os.environ.get("CCOE_CACHE_DIR") or Path.home() / ".cache" / "ccoe"),
+        log_level=level,
+        device=os.environ.get("CCOE_DEVICE") or _default_device(),
+    )
