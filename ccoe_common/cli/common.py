@@ -37,9 +37,17 @@ def print_json(obj: Any) -> None:
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    # Numbers (and sizes like "3.9 MiB") align right so their digits line up; text aligns left.
+    numeric = [all(_looks_numeric(r[i]) for r in cells[1:]) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _looks_numeric(cell: str) -> bool:
+    head = cell.split(" ")[0].replace(",", "").replace("%", "").replace("x", "").lstrip("-+")
+    return head.replace(".", "", 1).isdigit()
 
 
 def human_bytes(n: float) -> str:

@@ -1,0 +1,72 @@
+"""With no expert selected, our decoder reproduces the transformers model's logits.
+
+Tolerance: fp32, max |diff| <= 1e-5 on logits of magnitude ~1-10 (in practice we see 0.0 or
+a few ulps; the same ops run in the same order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ccoe_common.model import CCoEModel
+from ccoe_common.model.kv_cache import KVCache
+from tests.conftest import CHECKPOINT_VARIANTS
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoints):
+    out = {}
+    for name, path in checkpoints.items():
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        out[name] = (hf, CCoEModel.from_pretrained(path))
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(CHECKPOINT_VARIANTS))
+def test_logits_match_transformers(loaded, variant):
+    hf, ours = loaded[variant]
+    ids = torch.randint(3, 500, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours.forward(ids, [None] * 3)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("variant", ["qwen2-gqa-bias", "llama-mha-bias-tied"])
+def test_right_padded_rows_match_transformers(loaded, variant):
+    hf, ours = loaded[variant]
+    ids = torch.randint(3, 500, (2, 20), generator=torch.Generator().manual_seed(1))
+    lens = torch.tensor([20, 9])
+    mask = (torch.arange(20)[None] < lens[:, None]).long()
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask).logits
+        got = ours.forward(ids, [None, None], query_lens=lens)
+    for row, n in enumerate(lens.tolist()):
+        assert (got[row, :n] - expected[row, :n]).abs().max().item() <= ATOL
+
+
+def test_incremental_decoding_with_cache_matches_full_forward(loaded):
+    _, ours = loaded["qwen2-gqa-bias"]
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = ours.forward(ids, [None, None])
+        cache = KVCache(ours.config, num_slots=4, max_seq_len=32, dtype=torch.float32)
+        slots = torch.tensor([3, 1])  # any slots, in any order
+        # 16-token prefill, then 4-token chunk, then single tokens.
+        pieces = [(0, 16), (16, 20), (20, 21), (21, 22), (22, 23), (23, 24)]
+        outs = []
+        for start, stop in pieces:
+            pos = torch.arange(start, stop).expand(2, -1)
+            outs.append(ours.forward(ids[:, start:stop], [None, None], positions=pos, cache=cache, slots=slots))
+    stepped = torch.cat(outs, dim=1)
+    assert (stepped - full).abs().max().item() <= ATOL
+
+
+def test_parameter_count_matches_transformers(loaded):
+    for hf, ours in loaded.values():
+        assert ours.info.parameter_count == sum(p.numel() for p in hf.parameters())
