@@ -135,7 +135,7 @@ def check_budget(subject: str, params: int, info: BackboneInfo, fraction: float)
     if params > limit:
         raise BudgetExceeded(
             subject, "parameter_count", f"<= {limit:,} ({fraction:.0%} of the backbone's {info.parameter_count:,})",
-            f"{params:,}", "use fewer layers or raise the budget fraction",
+            f"{params:,} parameters", "use fewer layers or raise the budget fraction",
         )
 
 
