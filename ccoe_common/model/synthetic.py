@@ -21,6 +21,13 @@ _TOKENIZER_CORPUS = (
 )
 
 
+# A minimal chat format so chat-message requests work on synthetic models.
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 def build_tokenizer(vocab_size: int = 512):  # -> PreTrainedTokenizerFast
     """A byte-level BPE trained in milliseconds on a fixed corpus (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -36,7 +43,9 @@ def build_tokenizer(vocab_size: int = 512):  # -> PreTrainedTokenizerFast
         show_progress=False,
     )
     tok.train_from_iterator([_TOKENIZER_CORPUS] * 8, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = _CHAT_TEMPLATE
+    return fast
 
 
 def tiny_config(arch: Arch = "qwen2", **overrides: Any):

@@ -1,0 +1,1 @@
+"""Generation engine: KV slots, continuous batching over mixed-expert batches, sampling, streaming."""
