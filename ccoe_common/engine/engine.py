@@ -1,0 +1,503 @@
+"""The generation engine: one CCoE model, one KV cache, one step loop on its own thread.
+
+    engine = Engine(CCoEModel.from_pretrained(path), EngineConfig(max_running=32))
+    with engine:
+        result = engine.complete_sync(GenerationRequest(prompt="Compute 12 + 7", expert="math"))
+        async for delta in engine.generate(request): ...        # from asyncio code
+
+Every step the loop (1) drops cancelled and expired requests, (2) asks the scheduler for a
+plan, (3) runs one forward for all decoding rows and one for the prompt chunks — rows of
+different experts share each forward — (4) samples, detokenises and streams deltas.
+
+Experts change without stopping the loop. `push` reads and validates the artifact on the
+caller's thread, then adds the new version atomically; requests name their expert version at
+submission ("math" resolves to the newest version then) and keep it to the end. `pop` marks
+versions as draining: new requests for them are refused, accepted ones finish, and the
+weights are freed when the last one ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ccoe_common.engine.detokenizer import IncrementalDetokenizer
+from ccoe_common.engine.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EngineError,
+    EngineStopped,
+    ExpertUnavailable,
+    InvalidRequest,
+)
+from ccoe_common.engine.params import GenerationRequest, GenerationResult, Timings, TokenDelta, Usage
+from ccoe_common.engine.sampler import RowSampling, make_generator, sample
+from ccoe_common.engine.scheduler import PrefillChunk, Scheduler, Sequence, StepPlan
+from ccoe_common.engine.templates import TemplateError, render_alpaca, render_chat
+from ccoe_common.experts.artifact import ExpertArtifact
+from ccoe_common.experts.errors import ExpertNotResident
+from ccoe_common.experts.reference import ExpertKey
+from ccoe_common.model.ccoe import CCoEModel
+from ccoe_common.model.expert import LoadedExpert
+from ccoe_common.model.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[TokenDelta | EngineError], None]
+
+
+class EngineConfig(BaseModel):
+    """Limits of one engine (one replica). Example: EngineConfig(max_seq_len=4096, max_running=64)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_seq_len: int = Field(2048, ge=8, le=1 << 20, description="Prompt + output tokens per sequence (one KV slot).")
+    max_running: int = Field(32, ge=1, le=4096, description="Sequences decoding at once (KV slots).")
+    kv_token_budget: int | None = Field(
+        None, ge=8, description="KV positions to preallocate; caps the slots at budget // max_seq_len.")
+    max_batched_tokens: int = Field(512, ge=1, description="Tokens per step (decode + prompt chunks).")
+    prefill_chunk: int = Field(256, ge=1, description="Most prompt tokens one sequence adds in a step.")
+    max_waiting: int = Field(256, ge=1, description="Requests queued for a slot; beyond it, RESOURCE_EXHAUSTED.")
+    retry_after_s: float = Field(1.0, gt=0, description="Retry advice sent with RESOURCE_EXHAUSTED.")
+
+    @property
+    def num_slots(self) -> int:
+        if self.kv_token_budget is None:
+            return self.max_running
+        return min(self.max_running, self.kv_token_budget // self.max_seq_len)
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.num_slots < 1:
+            raise ValueError(f"kv_token_budget={self.kv_token_budget} holds no sequence of max_seq_len={self.max_seq_len}")
+        if self.max_batched_tokens < self.num_slots:
+            raise ValueError(f"max_batched_tokens={self.max_batched_tokens} must be >= the {self.num_slots} KV slots")
+        return self
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    free_slots: int
+    steps: int
+    generated_tokens: int
+    resident: dict[str, int]  # "math@1" -> bytes
+    draining: list[str]
+    kv_cache_bytes: int
+
+
+@dataclass(eq=False)
+class _RequestState:
+    request: GenerationRequest
+    sink: Sink
+    sampling: RowSampling
+    detok: IncrementalDetokenizer
+    submitted: float
+    cancelled: bool = False
+    logprobs: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: CCoEModel, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        if model.tokenizer is None:
+            raise ValueError(f"backbone {model.info.path} has no tokenizer; the engine needs one to encode prompts")
+        self.tokenizer = model.tokenizer
+        device, dtype = model.backbone.device, model.backbone.dtype
+        self.cache = KVCache(model.config, self.config.num_slots, self.config.max_seq_len, dtype, device)
+        self.scheduler = Scheduler(self.config.num_slots, self.config.max_batched_tokens,
+                                   self.config.prefill_chunk, self.config.max_waiting)
+        eos = set(model.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        self._lock = threading.Lock()  # guards scheduler queues, _refs, _draining, _by_id
+        self._refs: Counter[ExpertKey] = Counter()
+        self._draining: set[ExpertKey] = set()
+        self._drained: dict[ExpertKey, threading.Event] = {}
+        self._by_id: dict[str, Sequence] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._steps = 0
+        self._generated = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="ccoe-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            leftovers = self.scheduler.all_sequences()
+        for seq in leftovers:
+            self._fail(seq, EngineStopped(f"request {seq.request_id} was not finished: the engine stopped"))
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> None:
+        """Queue a request; deltas and a final error (if any) go to `sink` from the engine thread.
+
+        Raises at once (nothing queued) for invalid requests, unknown or draining experts,
+        and a full queue (Overloaded, retryable).
+        """
+        if self._thread is None or self._stopping:
+            raise EngineStopped("the engine is not running")
+        request.check()
+        prompt_ids = self._encode(request)
+        limit = self.config.max_seq_len
+        if len(prompt_ids) >= limit:
+            raise InvalidRequest("prompt", f"has {len(prompt_ids)} tokens; this engine's max_seq_len is {limit}, "
+                                           "which must also leave room for at least one new token")
+        params = request.sampling
+        now = time.monotonic()
+        device = self.model.backbone.device
+        state = _RequestState(
+            request=request, sink=sink, submitted=now,
+            sampling=RowSampling(params, make_generator(params, device),
+                                 None if params.repetition_penalty == 1.0 else torch.tensor(prompt_ids)),
+            detok=IncrementalDetokenizer(self.tokenizer, params.stop),
+        )
+        seq = Sequence(
+            request_id=request.request_id, prompt_ids=prompt_ids, expert=None,
+            max_new_tokens=min(params.max_new_tokens, limit - len(prompt_ids)), arrival=now,
+            deadline=None if request.timeout_s is None else now + request.timeout_s, state=state,
+        )
+        with self._lock:
+            if request.request_id in self._by_id:
+                raise InvalidRequest("request_id", f"{request.request_id!r} is already in flight")
+            seq.expert = self._pin_expert(request.expert)
+            self.scheduler.add(seq)  # may raise Overloaded
+            if seq.expert is not None:
+                self._refs[seq.expert] += 1
+            self._by_id[seq.request_id] = seq
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request at the next step boundary and free its slot. False if unknown."""
+        with self._lock:
+            seq = self._by_id.get(request_id)
+            if seq is None:
+                return False
+            seq.state.cancelled = True
+        self._wake.set()
+        return True
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Stream deltas. Leaving the iteration early (or the task being cancelled) cancels
+        the request in the engine, which frees its slot at the next step."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenDelta | EngineError] = asyncio.Queue()
+
+        def sink(event: TokenDelta | EngineError) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the caller's event loop is gone: nobody is listening
+                self.cancel(request.request_id)
+
+        self.submit(request, sink)
+        done = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, EngineError):
+                    done = True
+                    raise event
+                if event.finish_reason is not None:
+                    done = True
+                yield event
+                if done:
+                    return
+        finally:
+            if not done:
+                self.cancel(request.request_id)
+
+    async def complete(self, request: GenerationRequest) -> GenerationResult:
+        deltas = [d async for d in self.generate(request)]
+        return _collect(request.request_id, deltas)
+
+    def complete_sync(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
+        """Blocking form for scripts and the CLI."""
+        events: queue.SimpleQueue[TokenDelta | EngineError] = queue.SimpleQueue()
+        self.submit(request, events.put)
+        deltas: list[TokenDelta] = []
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                event = events.get(timeout=None if end is None else max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                self.cancel(request.request_id)
+                raise DeadlineExceeded(f"request {request.request_id} took longer than {timeout}s") from None
+            if isinstance(event, EngineError):
+                raise event
+            deltas.append(event)
+            if event.finish_reason is not None:
+                return _collect(request.request_id, deltas)
+
+    # ---- experts -------------------------------------------------------------------------
+
+    def push(self, source: LoadedExpert | ExpertArtifact | str) -> ExpertKey:
+        """Add an expert version while serving. Reading and validating the artifact happen on
+        the calling thread; the step loop only ever sees the finished expert appear."""
+        expert = source if isinstance(source, LoadedExpert) else self.model.load(source)
+        with self._lock:
+            if expert.key in self._draining:
+                raise ExpertUnavailable(f"expert {expert.key} is still draining after a pop; push another version")
+            return self.model.push(expert)
+
+    def pop(self, name: str, version: int | None = None, *, export_to: str | None = None,
+            wait: float | None = None) -> list[ExpertKey]:
+        """Retire one version (or all versions) of `name`: refuse new requests for it, let
+        accepted ones finish, free it after the last. `wait` blocks up to that many seconds
+        until freed. With export_to, a deep copy of the newest retired version is written first."""
+        with self._lock:
+            try:
+                keys = ([self.model.get(ExpertKey(name, version)).key] if version is not None
+                        else self.model.versions_of(name))
+            except ExpertNotResident as e:
+                raise ExpertUnavailable(str(e)) from e
+            keys = [k for k in keys if k not in self._draining]
+            if not keys:
+                raise ExpertUnavailable(f"no resident, non-draining version of expert {name!r}")
+            if export_to is not None:
+                self.model.export(keys[-1], export_to)
+            events = []
+            for key in keys:
+                self._draining.add(key)
+                self._drained[key] = threading.Event()
+                events.append(self._drained[key])
+                self._release_if_drained(key)
+        if wait is not None:
+            for event in events:
+                if not event.wait(wait):
+                    raise TimeoutError(f"expert {name!r} still has requests in flight after {wait}s")
+        return keys
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                free_slots=len(self.scheduler.free_slots), steps=self._steps, generated_tokens=self._generated,
+                resident=self.model.memory_report().experts, draining=sorted(map(str, self._draining)),
+                kv_cache_bytes=self.cache.nbytes,
+            )
+
+    def _pin_expert(self, selector: str | ExpertKey | None) -> ExpertKey | None:
+        if selector is None:
+            return None
+        name, version = (selector.name, selector.version) if isinstance(selector, ExpertKey) else ExpertKey.parse(selector)
+        live = [k for k in self.model.versions_of(name) if k not in self._draining]
+        if version is None:
+            if live:
+                return live[-1]
+        elif ExpertKey(name, version) in live:
+            return ExpertKey(name, version)
+        elif ExpertKey(name, version) in self._draining:
+            raise ExpertUnavailable(f"expert {name}@{version} is being removed (draining); "
+                                    f"live versions: {[k.version for k in live] or 'none'}")
+        resident = sorted({str(k) for k in self.model.resident() if k not in self._draining})
+        raise ExpertUnavailable(f"expert {selector!s} is not served here; resident experts: {resident or 'none'}")
+
+    def _release_if_drained(self, key: ExpertKey) -> None:
+        # Caller holds self._lock.
+        if key in self._draining and self._refs[key] == 0:
+            self.model.pop(key.name, key.version)
+            self._draining.discard(key)
+            del self._refs[key]
+            self._drained.pop(key).set()
+            log.info("expert %s drained and freed", key)
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+            vocab = self.model.config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest("prompt_ids", f"token ids must be in [0, {vocab}), got {bad[:5]}")
+        else:
+            try:
+                if request.template == "chat":
+                    text, special = render_chat(self.tokenizer, request.messages or []), False
+                elif request.template == "alpaca":
+                    text, special = render_alpaca(request.prompt or ""), True
+                else:
+                    text, special = request.prompt or "", True
+            except TemplateError as e:
+                raise InvalidRequest("messages", str(e)) from e
+            ids = self.tokenizer(text, add_special_tokens=special).input_ids
+        if not ids:
+            raise InvalidRequest("prompt", "is empty after tokenisation; send some text")
+        return ids
+
+    # ---- the step loop -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            now = time.monotonic()
+            with self._lock:
+                doomed = self._reap(now)
+                plan = self.scheduler.schedule(now)
+            for seq, error in doomed:
+                self._fail(seq, error)
+            if plan.empty:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self._step(plan)
+            except Exception as e:  # a bug or a device error: fail this step's requests, keep serving
+                log.exception("engine step failed")
+                for seq in [*plan.decode, *(c.seq for c in plan.prefill)]:
+                    self._fail(seq, EngineError(f"internal error while generating: {type(e).__name__}: {e}"))
+
+    def _reap(self, now: float) -> list[tuple[Sequence, EngineError]]:
+        doomed = []
+        for seq in self.scheduler.all_sequences():
+            if seq.state.cancelled:
+                doomed.append((seq, Cancelled(f"request {seq.request_id} was cancelled")))
+            elif seq.deadline is not None and now >= seq.deadline:
+                doomed.append((seq, DeadlineExceeded(
+                    f"request {seq.request_id} exceeded its {seq.state.request.timeout_s}s deadline "
+                    f"after {len(seq.output_ids)} tokens")))
+        return doomed
+
+    @torch.inference_mode()
+    def _step(self, plan: StepPlan) -> None:
+        device = self.model.backbone.device
+        rows: list[Sequence] = []
+        logits = []
+        if plan.decode:
+            seqs = plan.decode
+            ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=device)
+            positions = torch.tensor([[s.computed] for s in seqs], device=device)
+            out = self.model.forward(ids, [s.expert for s in seqs], positions=positions, cache=self.cache,
+                                     slots=torch.tensor([s.slot for s in seqs], device=device),
+                                     logits_at=torch.zeros(len(seqs), dtype=torch.long, device=device))
+            for s in seqs:
+                s.computed += 1
+            rows.extend(seqs)
+            logits.append(out)
+        if plan.prefill:
+            out, finishing = self._prefill(plan.prefill)
+            if finishing:
+                rows.extend(c.seq for c in finishing)
+                logits.append(out)
+        self._steps += 1
+        if not rows:
+            return
+        tokens, logprobs = sample(torch.cat(logits), [s.state.sampling for s in rows])
+        now = time.monotonic()
+        for seq, token, lp in zip(rows, tokens, logprobs):
+            self._advance(seq, token, lp, now)
+
+    def _prefill(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[PrefillChunk]]:
+        device = self.model.backbone.device
+        width = max(c.length for c in chunks)
+        ids = torch.zeros((len(chunks), width), dtype=torch.long, device=device)
+        for i, c in enumerate(chunks):
+            ids[i, : c.length] = torch.tensor(c.seq.prompt_ids[c.start:c.start + c.length])
+        starts = torch.tensor([c.start for c in chunks], device=device)
+        positions = starts[:, None] + torch.arange(width, device=device)[None]
+        lens = torch.tensor([c.length for c in chunks], device=device)
+        out = self.model.forward(ids, [c.seq.expert for c in chunks], query_lens=lens, positions=positions,
+                                 cache=self.cache, slots=torch.tensor([c.seq.slot for c in chunks], device=device),
+                                 logits_at=lens - 1)
+        for c in chunks:
+            c.seq.computed += c.length
+        keep = [i for i, c in enumerate(chunks) if c.completes_prompt]
+        return out[keep], [chunks[i] for i in keep]
+
+    def _advance(self, seq: Sequence, token: int, logprob: float | None, now: float) -> None:
+        st = seq.state
+        params = st.request.sampling
+        seq.output_ids.append(token)
+        self._generated += 1
+        if seq.first_token is None:
+            seq.first_token = now
+        if st.sampling.seen is not None:
+            st.sampling.seen = torch.cat([st.sampling.seen, torch.tensor([token])])
+        if logprob is not None:
+            st.logprobs.append(logprob)
+        text = st.detok.add(token)
+        finish = None
+        if st.detok.stopped:
+            finish = "stop"
+        elif (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            finish = "stop"
+        elif len(seq.output_ids) >= seq.max_new_tokens:
+            finish = "length"
+        if finish is not None:
+            text += st.detok.finish()
+            with self._lock:
+                self._retire(seq)
+        delta = TokenDelta(
+            request_id=seq.request_id, token_ids=[token], text=text,
+            logprobs=None if logprob is None else [logprob], finish_reason=finish, expert=seq.expert,
+            usage=Usage(len(seq.prompt_ids), len(seq.output_ids)) if finish else None,
+            timings=self._timings(seq, now) if finish else None,
+        )
+        st.sink(delta)
+
+    def _timings(self, seq: Sequence, now: float) -> Timings:
+        start = seq.state.submitted
+        return Timings(
+            queue_s=(seq.first_scheduled or now) - start,
+            ttft_s=None if seq.first_token is None else seq.first_token - start,
+            total_s=now - start,
+        )
+
+    def _retire(self, seq: Sequence) -> None:
+        # Caller holds self._lock.
+        if self._by_id.pop(seq.request_id, None) is None:
+            return
+        self.scheduler.finish(seq)
+        if seq.expert is not None:
+            self._refs[seq.expert] -= 1
+            self._release_if_drained(seq.expert)
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        with self._lock:
+            self._retire(seq)
+        seq.state.sink(error)
+
+
+def _collect(request_id: str, deltas: list[TokenDelta]) -> GenerationResult:
+    last = deltas[-1]
+    assert last.finish_reason is not None and last.usage is not None and last.timings is not None
+    lps = [lp for d in deltas for lp in (d.logprobs or [])]
+    return GenerationResult(
+        request_id=request_id,
+        token_ids=[t for d in deltas for t in d.token_ids],
+        text="".join(d.text for d in deltas),
+        finish_reason=last.finish_reason,
+        expert=last.expert,
+        usage=last.usage,
+        timings=last.timings,
+        logprobs=lps or None,
+    )
