@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from ccoe_common.cli import bench, demo, expert, generate
 from ccoe_common.cli.common import UserError
+from ccoe_common.engine.errors import EngineError
 from ccoe_common.settings import load_settings
 
 COMMANDS = (demo, generate, expert, bench)
@@ -29,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (UserError, ValueError, LookupError, FileNotFoundError) as e:
+    except (UserError, EngineError, ValueError, LookupError, FileNotFoundError) as e:
         # Expected, user-facing failures (bad path, bad artifact, unknown expert): one clear
         # line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"ccoe {args.command}: error: {e}", file=sys.stderr)
