@@ -30,5 +30,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing ccoe-serve[$extras] (editable)"
 .venv/bin/pip install --quiet -e ".[$extras]"
+echo "setup: generating gRPC stubs from proto/"
+.venv/bin/python -m ccoe_common.pb
 echo "$want" > "$stamp"
 echo "setup: done; the command is .venv/bin/ccoe"

@@ -1,0 +1,1 @@
+"""Routing: which expert(s) answer a request, and why (rule table, explicit choice, default)."""
