@@ -3,6 +3,7 @@
 CCOE_CACHE_DIR   where demo models and other generated assets are cached (default ~/.cache/ccoe)
 CCOE_LOG_LEVEL   logging level for the ccoe command (default WARNING)
 CCOE_DEVICE      default torch device for commands that load a model (default: cuda if present, else cpu)
+CCOE_TRACE_DIR   also write finished trace spans as JSON lines into this folder (tests, debugging)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class Settings:
     cache_dir: Path
     log_level: str
     device: str
+    trace_dir: Path | None
 
 
 def _default_device() -> str:
@@ -33,4 +35,5 @@ def load_settings() -> Settings:
         cache_dir=Path(os.environ.get("CCOE_CACHE_DIR") or Path.home() / ".cache" / "ccoe"),
         log_level=level,
         device=os.environ.get("CCOE_DEVICE") or _default_device(),
+        trace_dir=Path(os.environ["CCOE_TRACE_DIR"]) if os.environ.get("CCOE_TRACE_DIR") else None,
     )

@@ -153,6 +153,11 @@ class Engine:
         for seq in leftovers:
             self._fail(seq, EngineStopped(f"request {seq.request_id} was not finished: the engine stopped"))
 
+    @property
+    def alive(self) -> bool:
+        """True while the step loop runs."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def __enter__(self) -> Engine:
         return self.start()
 

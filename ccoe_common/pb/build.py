@@ -48,6 +48,9 @@ def generate(root: Path = PROTO_ROOT, out: Path = PACKAGE_DIR) -> list[Path]:
         written = []
         for src in sorted((Path(tmp) / PROTO_PACKAGE).glob("*.py")):
             code = re.sub(r"^from ccoe\.v1 import ", "from ccoe_common.pb import ", src.read_text(), flags=re.M)
+            # Message classes carry the module name protoc derived from the .proto path; it
+            # must name this package or pickling (Ray passes messages between processes) fails.
+            code = re.sub(r"'ccoe\.v1\.(\w+_pb2)'", r"'ccoe_common.pb.\1'", code)
             # Write then rename, so a concurrent importer never sees half a module.
             fd, part = tempfile.mkstemp(dir=out, suffix=".part")
             with os.fdopen(fd, "w") as f:

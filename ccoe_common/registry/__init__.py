@@ -1,0 +1,1 @@
+"""Registry: Redis store, rollouts, client (the registry issue), and the embedded Redis server."""

@@ -1,0 +1,1 @@
+"""What the Ray Serve deployments delegate to: config, gRPC conversion, routing core, replica runtime."""

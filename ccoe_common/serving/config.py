@@ -1,0 +1,88 @@
+"""The one validated configuration of a CCoE Serve application (YAML file or dict).
+
+    backbone: /models/qwen2-0.5b
+    experts: [file:///artifacts/math/v1, file:///artifacts/sql/v1]
+    rules: /etc/ccoe/rules.yaml
+    replica: {num_replicas: 2, num_gpus: 1, engine: {max_running: 64}}
+
+`build_app(config)` (services/app.py) validates it once; raw dicts go no further.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ccoe_common.engine.engine import EngineConfig
+
+
+class ConfigError(ValueError):
+    """The application config is invalid; the message names the field."""
+
+
+class ReplicaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_replicas: int = Field(1, ge=1, le=1024, description="ModelReplica processes (one engine each).")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves per replica (0 lets replicas share a small machine).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 on a GPU worker group).")
+    device: str | None = Field(None, description="torch device; default cuda when num_gpus > 0, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
+    budget_fraction: float = Field(0.15, gt=0, le=1, description="Largest expert as a fraction of the backbone.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_replicas: int = Field(1, ge=1, le=64, description="Router processes.")
+    max_prompt_chars: int = Field(200_000, ge=1, description="Longer prompts are refused with INVALID_ARGUMENT.")
+    max_fanout: int = Field(4, ge=1, le=16, description="Most experts one rule may consult at once.")
+    rules_check_interval_s: float = Field(1.0, gt=0, description="How often the rules file is checked for changes.")
+
+
+class TelemetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tracing: Literal["off", "console", "otlp", "memory"] = Field(
+        "off", description="Span exporter: off, console (stderr), otlp (to otlp_endpoint), memory (tests).")
+    otlp_endpoint: str = Field("http://localhost:4317", description="OTLP/gRPC collector address.")
+    service_name: str = Field("ccoe-serve", description="service.name resource attribute.")
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: str = Field(description="transformers checkpoint directory (local path or mounted volume).")
+    experts: tuple[str, ...] = Field((), description="Expert artifact URIs every replica loads at start.")
+    rules: str | None = Field(None, description="Rule table file (YAML/JSON); reloaded when it changes.")
+    rules_inline: dict[str, Any] | None = Field(None, description="Rule table given inline instead of a file.")
+    replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    grpc_port: int = Field(9000, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy (local stack).")
+    redis_url: str | None = Field(None, description="Registry Redis; none = the local stack starts its own.")
+
+    @classmethod
+    def load(cls, source: str | Path | dict[str, Any] | AppConfig) -> AppConfig:
+        if isinstance(source, AppConfig):
+            return source
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            try:
+                data = yaml.safe_load(path.read_text())
+            except OSError as e:
+                raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+        else:
+            data = source
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(map(str, err["loc"])) or "config"
+            raise ConfigError(f"config field {where}: {err['msg']} (got {err.get('input')!r})") from e

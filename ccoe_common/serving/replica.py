@@ -1,0 +1,85 @@
+"""What one ModelReplica runs: the model, its engine, and the stream API the router calls."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from ccoe_common.engine.engine import Engine
+from ccoe_common.engine.errors import EngineError
+from ccoe_common.engine.params import GenerationRequest
+from ccoe_common.model import CCoEModel
+from ccoe_common.serving.config import AppConfig
+from ccoe_common.serving.events import Event, delta_event, error_event
+from ccoe_common.telemetry import tracing
+
+log = logging.getLogger(__name__)
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ReplicaRuntime:
+    def __init__(self, config: AppConfig):
+        self.config = config
+        rc = config.replica
+        device = rc.device or ("cuda" if rc.num_gpus > 0 else "cpu")
+        tracing.setup_tracing(config.telemetry)
+        model = CCoEModel.from_pretrained(config.backbone, dtype=_DTYPES[rc.dtype], device=device,
+                                          budget_fraction=rc.budget_fraction)
+        for uri in config.experts:
+            log.info("loading expert %s", model.push(uri))
+        self.engine = Engine(model, rc.engine).start()
+
+    async def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]:
+        """Engine deltas as events; engine errors become one final error event."""
+        submitted_ns = time.time_ns()
+        with tracing.span("replica.generate", tracing.extract(carrier), request_id=request.request_id,
+                          expert=None if request.expert is None else str(request.expert)) as s:
+            try:
+                async for delta in self.engine.generate(request):
+                    if delta.finish_reason is not None:
+                        _record_phases(submitted_ns, delta.timings, delta.usage)
+                        s.set_attribute("finish_reason", delta.finish_reason)
+                        if delta.expert is not None:
+                            s.set_attribute("expert_version", str(delta.expert))
+                    yield delta_event(delta)
+            except EngineError as e:
+                s.set_attribute("error.code", e.code)
+                yield error_event(e)
+
+    def expert_names(self) -> list[str]:
+        return sorted({k.name for k in self.engine.model.resident()})
+
+    def push(self, uri: str) -> str:
+        return str(self.engine.push(uri))
+
+    def pop(self, name: str, version: int | None = None, wait: float | None = None) -> list[str]:
+        return [str(k) for k in self.engine.pop(name, version, wait=wait)]
+
+    def stats(self) -> dict[str, Any]:
+        s = self.engine.stats()
+        return {"running": s.running, "waiting": s.waiting, "free_slots": s.free_slots, "steps": s.steps,
+                "generated_tokens": s.generated_tokens, "resident": s.resident, "draining": s.draining,
+                "kv_cache_bytes": s.kv_cache_bytes,
+                "backbone_bytes": self.engine.model.memory_report().backbone_bytes}
+
+    def healthy(self) -> bool:
+        return self.engine.alive
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def _record_phases(submitted_ns: int, timings, usage) -> None:
+    # The engine measures its phases; they become child spans with their real start and end.
+    if timings is None:
+        return
+    q = submitted_ns + int(timings.queue_s * 1e9)
+    first = submitted_ns + int((timings.ttft_s or timings.total_s) * 1e9)
+    end = submitted_ns + int(timings.total_s * 1e9)
+    tracing.record_phase("engine.queue", submitted_ns, q)
+    tracing.record_phase("engine.prefill", q, first, prompt_tokens=usage.prompt_tokens if usage else None)
+    tracing.record_phase("engine.decode", first, end, completion_tokens=usage.completion_tokens if usage else None)

@@ -1,0 +1,230 @@
+"""The Router's logic, independent of Ray: decide the route, run it on replicas, stream back.
+
+A route names zero experts (bare backbone), one, or several (a rule that "consults several
+experts at once"). Several experts run concurrently as separate engine requests; their
+deltas are interleaved in the stream, each tagged with its expert, and the unary response
+carries every answer in `fanout`.
+
+The replicas are reached through a `ReplicaClient`: Ray DeploymentHandles in production
+(services/router), an in-process engine in tests and tools (`LocalReplicaClient`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+from ccoe_common.engine.errors import EngineError
+from ccoe_common.engine.params import GenerationRequest
+from ccoe_common.experts.artifact import read_manifest
+from ccoe_common.experts.reference import ExpertKey
+from ccoe_common.pb import inference_pb2 as pb
+from ccoe_common.routing.resolve import Route, decide
+from ccoe_common.routing.rules import RuleTable, RuleTableError
+from ccoe_common.serving.config import AppConfig
+from ccoe_common.serving.events import Event, ServingError
+from ccoe_common.serving.grpc_convert import parse_request, route_trace, usage
+from ccoe_common.telemetry import tracing
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaClient(Protocol):
+    def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]: ...
+
+
+class LocalReplicaClient:
+    """Calls a ReplicaRuntime in this process (tests, benchmarks, tools)."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]:
+        return self.runtime.stream(request, carrier)
+
+
+def initial_rules(config: AppConfig) -> RuleTable:
+    """The configured rule table, validated against the experts the config loads."""
+    known = {read_manifest(uri).name for uri in config.experts}
+    if config.rules_inline is not None:
+        return RuleTable.from_dict(config.rules_inline, known)
+    if config.rules is not None:
+        return RuleTable.from_file(config.rules, known)
+    return RuleTable.from_dict({}, known)
+
+
+class RouterCore:
+    def __init__(self, config: AppConfig, client: ReplicaClient):
+        self.config = config
+        self.client = client
+        self.known_experts = {read_manifest(uri).name for uri in config.experts}
+        self.table = initial_rules(config)
+        self._rules_mtime = self._mtime()
+        self._next_check = 0.0
+        tracing.setup_tracing(config.telemetry)
+
+    # ---- rules ---------------------------------------------------------------------------
+
+    def _mtime(self) -> float | None:
+        try:
+            return os.stat(self.config.rules).st_mtime if self.config.rules else None
+        except OSError:
+            return None
+
+    def maybe_reload_rules(self) -> None:
+        """Pick up an edited rules file without a restart; a broken edit keeps the old table."""
+        now = time.monotonic()
+        if self.config.rules is None or now < self._next_check:
+            return
+        self._next_check = now + self.config.router.rules_check_interval_s
+        mtime = self._mtime()
+        if mtime == self._rules_mtime:
+            return
+        self._rules_mtime = mtime
+        try:
+            self.set_rules(RuleTable.from_file(Path(self.config.rules), self.known_experts))
+        except RuleTableError as e:
+            log.error("rules file %s changed but was refused, keeping table v%d: %s",
+                      self.config.rules, self.table.version, e)
+
+    def set_rules(self, table: RuleTable) -> None:
+        self.table = table
+        log.info("rule table v%d in force (%d rules)", table.version, len(table.spec.rules))
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def _plan(self, req: pb.GenerateRequest) -> tuple[Route, list[GenerationRequest]]:
+        self.maybe_reload_rules()
+        with tracing.span("router.route") as s:
+            query, base = parse_request(req, self.config.router)
+            route = decide(query, self.table)
+            s.set_attribute("route.policy", route.policy)
+            s.set_attribute("route.rule_id", route.rule_id)
+        if len(route.experts) > self.config.router.max_fanout:
+            raise ServingError("FAILED_PRECONDITION", f"rule {route.rule_id!r} consults {len(route.experts)} experts; "
+                                                      f"the limit is {self.config.router.max_fanout}")
+        if not route.experts:
+            return route, [base]
+        requests = []
+        for name, version in route.experts:
+            expert = name if version is None else ExpertKey(name, version)
+            rid = base.request_id if len(route.experts) == 1 else f"{base.request_id}/{name}"
+            requests.append(dataclasses.replace(base, expert=expert, request_id=rid))
+        return route, requests
+
+    async def _merged(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Event]]:
+        """Events of all requests as they come, tagged with the request's index."""
+        carrier = tracing.inject()
+        if len(requests) == 1:
+            stream = self.client.stream(requests[0], carrier)
+            try:
+                async for event in stream:
+                    yield 0, event
+            finally:
+                await stream.aclose()  # a caller that went away cancels the replica's request now
+            return
+        queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+
+        async def pump(i: int, r: GenerationRequest) -> None:
+            stream = self.client.stream(r, carrier)
+            try:
+                async for event in stream:
+                    await queue.put((i, event))
+            finally:
+                await stream.aclose()
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                i, event = await queue.get()
+                if event is None:
+                    open_streams -= 1
+                    continue
+                yield i, event
+            for t in tasks:
+                t.result()  # surface a pump's exception, if any
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def generate_stream(self, req: pb.GenerateRequest,
+                              metadata: dict[str, str]) -> AsyncIterator[pb.GenerateStreamResponse]:
+        start = time.monotonic()
+        with tracing.span("router.GenerateStream", tracing.extract(metadata)):
+            route, requests = self._plan(req)
+            names = [n for n, _ in route.experts] or [""]
+            versions: dict[str, int] = {}
+            first = True
+            async for i, event in self._merged(requests):
+                if event["kind"] == "error":
+                    raise ServingError.from_event(event)
+                expert = event["expert"]
+                if expert is not None:
+                    versions[expert[0]] = expert[1]
+                msg = pb.GenerateStreamResponse(
+                    request_id=requests[i].request_id, text=event["text"], token_ids=event["token_ids"],
+                    logprobs=event["logprobs"] or [], finish_reason=event["finish_reason"] or "",
+                    expert=pb.ExpertRef(name=names[i], version=versions.get(names[i], 0)) if names[i] else None,
+                    usage=usage(event["usage"]),
+                    timings=_timings(event["timings"], start) if event["timings"] else None,
+                )
+                if first:
+                    msg.route.CopyFrom(route_trace(route, versions))
+                    first = False
+                yield msg
+
+    async def generate(self, req: pb.GenerateRequest, metadata: dict[str, str]) -> pb.GenerateResponse:
+        start = time.monotonic()
+        with tracing.span("router.Generate", tracing.extract(metadata)):
+            route, requests = self._plan(req)
+            parts: list[dict] = [{"text": [], "ids": [], "lps": [], "last": None} for _ in requests]
+            versions: dict[str, int] = {}
+            async for i, event in self._merged(requests):
+                if event["kind"] == "error":
+                    raise ServingError.from_event(event)
+                p = parts[i]
+                p["text"].append(event["text"])
+                p["ids"].extend(event["token_ids"])
+                p["lps"].extend(event["logprobs"] or [])
+                if event["expert"] is not None:
+                    versions[event["expert"][0]] = event["expert"][1]
+                if event["finish_reason"]:
+                    p["last"] = event
+        first, last = parts[0], parts[0]["last"]
+        response = pb.GenerateResponse(
+            request_id=requests[0].request_id if len(requests) == 1 else requests[0].request_id.rsplit("/", 1)[0],
+            text="".join(first["text"]), token_ids=first["ids"], finish_reason=last["finish_reason"],
+            usage=usage(last["usage"]), timings=_timings(last["timings"], start), logprobs=first["lps"],
+            route=route_trace(route, versions),
+        )
+        if route.fans_out:
+            for (name, _), p in zip(route.experts, parts):
+                response.fanout.append(pb.FanoutResult(
+                    expert=pb.ExpertRef(name=name, version=versions.get(name, 0)), text="".join(p["text"]),
+                    token_ids=p["ids"], finish_reason=p["last"]["finish_reason"], usage=usage(p["last"]["usage"])))
+        return response
+
+
+def _timings(t: list[float | None], router_start: float) -> pb.Timings:
+    # The replica measured from its own submission; TTFT is reported from the router's start.
+    queue_s, ttft_s, total_s = t
+    offset = max(0.0, (time.monotonic() - router_start) - total_s)
+    return pb.Timings(queue_ms=queue_s * 1e3, ttft_ms=((ttft_s or total_s) + offset) * 1e3,
+                      total_ms=(total_s + offset) * 1e3)
+
+
+def status_of(error: BaseException) -> ServingError:
+    """Any exception as the ServingError a caller should see (unknown ones are INTERNAL)."""
+    if isinstance(error, EngineError):
+        return ServingError.from_engine(error)
+    if isinstance(error, RuleTableError):
+        return ServingError("INVALID_ARGUMENT", str(error))
+    return ServingError("INTERNAL", f"internal error: {type(error).__name__}: {error}")

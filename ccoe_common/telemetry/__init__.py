@@ -1,0 +1,1 @@
+"""Tracing (OpenTelemetry, W3C trace context) and metrics (Prometheus format)."""

@@ -1,0 +1,37 @@
+"""The one app builder: validates the config once and binds the deployments.
+
+Local stack: `serve.run(build_app(config))`. KubeRay RayService:
+`import_path: services.app:build_app` with the config as `args` in serveConfigV2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from ccoe_common.serving.config import AppConfig
+from services.replica.deployment import ModelReplica
+from services.router.deployment import Router
+
+GRPC_SERVICERS = (
+    "ccoe_common.pb.inference_pb2_grpc.add_InferenceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+)
+
+
+def build_app(args: dict[str, Any] | AppConfig) -> Application:
+    config = AppConfig.load(args)
+    raw = config.model_dump(mode="json")
+    rc = config.replica
+    replica = ModelReplica.options(
+        num_replicas=rc.num_replicas,
+        ray_actor_options={"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus},
+        # A replica holds requests until they finish: never more than its engine admits + queues.
+        max_ongoing_requests=rc.engine.max_running + rc.engine.max_waiting,
+    ).bind(raw)
+    return Router.options(
+        num_replicas=config.router.num_replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=4 * (rc.engine.max_running + rc.engine.max_waiting),
+    ).bind(replica, raw)
