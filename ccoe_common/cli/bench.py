@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ccoe_common.bench import memory
+from ccoe_common.bench import memory, throughput
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,3 +13,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("memory", help="resident memory: CCoE vs n separate models vs n LoRA adapters")
     memory.add_arguments(p)
     p.set_defaults(handler=memory.run)
+    p = kinds.add_parser("throughput", help="tokens/s: CCoE vs bare backbone, multi-LoRA and separate models")
+    throughput.add_arguments(p)
+    p.set_defaults(handler=throughput.run)
