@@ -20,7 +20,7 @@ class ZooConfig(BaseModel):
     num_layers: int = Field(12, ge=2, description="Backbone decoder layers.")
     num_heads: int = Field(4, ge=1, description="Attention heads.")
     num_kv_heads: int = Field(2, ge=1, description="Key/value heads (GQA).")
-    pretrain_steps: int = Field(700, ge=1, description="Backbone pre-training steps.")
+    pretrain_steps: int = Field(450, ge=1, description="Backbone pre-training steps.")
     pretrain_batch_size: int = Field(16, ge=1, description="Packed sequences per pre-training step.")
     pretrain_seq_len: int = Field(128, ge=16, description="Tokens per packed pre-training sequence.")
     pretrain_lr: float = Field(3e-3, gt=0, le=1, description="Pre-training peak learning rate.")
