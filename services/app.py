@@ -14,8 +14,10 @@ from ccoe_common.serving.config import AppConfig
 from services.replica.deployment import ModelReplica
 from services.router.deployment import Router
 
+CONTROL_HEADROOM = 16
+
 GRPC_SERVICERS = (
-    "ccoe_common.pb.inference_pb2_grpc.add_InferenceServicer_to_server",
+    "ccoe_common.serving.grpc_servicers.add_inference_servicer",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
 
@@ -27,8 +29,9 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     replica = ModelReplica.options(
         num_replicas=rc.num_replicas,
         ray_actor_options={"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus},
-        # A replica holds requests until they finish: never more than its engine admits + queues.
-        max_ongoing_requests=rc.engine.max_running + rc.engine.max_waiting,
+        # The engine does admission control (RESOURCE_EXHAUSTED beyond its queue); Ray's own
+        # limit only needs room above it for control calls (stats, push, pop, health).
+        max_ongoing_requests=rc.engine.max_running + rc.engine.max_waiting + CONTROL_HEADROOM,
     ).bind(raw)
     return Router.options(
         num_replicas=config.router.num_replicas,

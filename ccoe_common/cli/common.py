@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -69,3 +71,21 @@ class Progress:
         if not self.quiet:
             elapsed = time.monotonic() - self.start
             print(f"[{self.done}/{self.total}] {label} ({elapsed:.0f}s)", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def stdout_to_stderr(active: bool = True) -> Iterator[None]:
+    """Send everything written to file descriptor 1 to stderr meanwhile (libraries such as Ray
+    print to stdout from other threads), so that a --json command's stdout is only its JSON."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -1,4 +1,4 @@
-"""`ccoe demo`: the model core end to end, in process, on a tiny backbone made locally.
+"""`ccoe demo core`: the model core end to end, in process, on a tiny backbone made locally.
 
 It creates (once, cached) a small Qwen2-shaped checkpoint with an offline tokenizer, carves
 two experts of the two kinds, writes them as artifacts, pushes them back from disk, generates
@@ -18,40 +18,28 @@ from typing import Any
 
 import torch
 
+from ccoe_common.cli import demo_stack
+from ccoe_common.cli.demo_assets import demo_backbone, nudge
 from ccoe_common.cli.common import add_json_flag, format_table, human_bytes, print_json
 from ccoe_common.model import CCoEModel, Placement
-from ccoe_common.model.expert import LoadedExpert
 from ccoe_common.model.generate import greedy_generate
-from ccoe_common.model.synthetic import make_checkpoint
 from ccoe_common.settings import load_settings
 
-DEMO_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512)
 DEMO_PROMPTS = ("Compute 12 + 7 and", "SELECT name FROM users WHERE")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the demo: tiny backbone, two experts, push, generate, pop")
-    p.add_argument("--workdir", help="where the demo model is cached (default: $CCOE_CACHE_DIR/demo)")
+    p = sub.add_parser("demo", help="run the demo (plain `ccoe demo`: the whole local stack over gRPC)")
+    p.add_argument("--workdir", help="where demo models are cached (default: $CCOE_CACHE_DIR/demo)")
     p.add_argument("--max-new-tokens", type=int, default=12, help="tokens per generation (default 12)")
     add_json_flag(p)
-    p.set_defaults(handler=run)
-
-
-def demo_backbone(workdir: Path) -> Path:
-    """The demo checkpoint, created on first use (about a second)."""
-    path = workdir / "backbone"
-    if not (path / "config.json").exists():
-        make_checkpoint(path, "qwen2", seed=7, init_std=0.08, **DEMO_SHAPE)
-    return path
-
-
-def _nudge(expert: LoadedExpert, seed: int, scale: float = 0.05) -> None:
-    # Stand-in for training: a seeded perturbation, so the expert's answers differ visibly.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in expert.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
+    p.set_defaults(handler=demo_stack.run)
+    kinds = p.add_subparsers(dest="demo", metavar="PART")
+    core = kinds.add_parser("core", help="the model core in process: push, generate, mixed batch, pop")
+    core.add_argument("--workdir", help="where the demo model is cached (default: $CCOE_CACHE_DIR/demo)")
+    core.add_argument("--max-new-tokens", type=int, default=12, help="tokens per generation (default 12)")
+    add_json_flag(core)
+    core.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             (("math", "ffn", Placement(strategy="GL")), ("sql", "trailing", Placement(strategy="BE")))
         ):
             expert = model.carve(name, kind=kind, placement=placement, domains=[name])
-            _nudge(expert, seed)
+            nudge(expert, seed)
             uris[name] = f"{tmp}/experts/{name}"
             manifest = expert.to_artifact(uris[name], model.info)
             say(f"wrote artifact {name}@1 ({kind}, layers {manifest.layers}, {manifest.parameter_count:,} parameters, "

@@ -8,12 +8,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ccoe_common.cli import bench, demo, expert, generate, train
+from ccoe_common.cli import bench, demo, expert, generate, rules, serve, train
 from ccoe_common.cli.common import UserError
 from ccoe_common.engine.errors import EngineError
 from ccoe_common.settings import load_settings
 
-COMMANDS = (demo, generate, expert, bench, train)
+COMMANDS = (demo, serve, generate, expert, rules, bench, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,7 +117,7 @@ class Engine:
         device, dtype = model.backbone.device, model.backbone.dtype
         self.cache = KVCache(model.config, self.config.num_slots, self.config.max_seq_len, dtype, device)
         self.scheduler = Scheduler(self.config.num_slots, self.config.max_batched_tokens,
-                                   self.config.prefill_chunk, self.config.max_waiting)
+                                   self.config.prefill_chunk, self.config.max_waiting, self.config.retry_after_s)
         eos = set(model.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -376,6 +376,9 @@ class Engine:
                 continue
             try:
                 self._step(plan)
+                # Let the threads that stream results and take new requests run between steps;
+                # without this they wait out the interpreter's switch interval, step after step.
+                time.sleep(0)
             except Exception as e:  # a bug or a device error: fail this step's requests, keep serving
                 log.exception("engine step failed")
                 for seq in [*plan.decode, *(c.seq for c in plan.prefill)]:

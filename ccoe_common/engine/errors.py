@@ -8,6 +8,18 @@ class EngineError(Exception):
     code = "INTERNAL"
     retryable = False
 
+    def __reduce__(self):
+        # Errors cross process boundaries (Ray pickles them): rebuild from the constructor's
+        # own arguments, whatever a subclass's signature is.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> EngineError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidRequest(EngineError, ValueError):
     """A request field is out of range or malformed. `param` names it, e.g. "temperature"."""

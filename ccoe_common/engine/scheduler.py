@@ -77,7 +77,8 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_batched_tokens: int, prefill_chunk: int, max_waiting: int):
+    def __init__(self, num_slots: int, max_batched_tokens: int, prefill_chunk: int, max_waiting: int,
+                 retry_after_s: float = 1.0):
         if min(num_slots, max_batched_tokens, prefill_chunk, max_waiting) < 1:
             raise ValueError("num_slots, max_batched_tokens, prefill_chunk and max_waiting must all be >= 1")
         if max_batched_tokens < num_slots:
@@ -86,6 +87,7 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.prefill_chunk = prefill_chunk
         self.max_waiting = max_waiting
+        self.retry_after_s = retry_after_s
         self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted, holding a slot, in admission order
@@ -95,8 +97,11 @@ class Scheduler:
         return len(self.free_slots) + len(self.running)
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_waiting:
-            raise Overloaded(f"waiting queue is full ({self.max_waiting} requests)")
+        # Free slots count as room: requests that arrive together between two steps all
+        # wait here until the next step admits them, and must not be refused for it.
+        if len(self.waiting) >= self.max_waiting + len(self.free_slots):
+            raise Overloaded(f"all {self.num_slots} sequence slots are busy and the waiting queue is full "
+                             f"({self.max_waiting} requests)", self.retry_after_s)
         self.waiting.append(seq)
 
     def schedule(self, now: float | None = None) -> StepPlan:

@@ -229,5 +229,5 @@ def _conditions_hold(c: _Compiled, text: str, domain: str, metadata: dict[str, s
         hit = next((p for p, rx in c.regexes if rx.search(text)), None)
         if hit is None:
             return None
-        reasons.append(f"regex {hit!r}")
+        reasons.append(f"regex /{hit}/")
     return reasons

@@ -61,6 +61,12 @@ class LocalStack:
 
         try:
             if ray.is_initialized():
+                # Deleting the app first lets its replicas finish their graceful shutdown while
+                # the controller still runs; shutting Serve down directly kills it mid-way.
+                try:
+                    serve.delete(APP_NAME)
+                except Exception:  # noqa: BLE001 - the app may never have deployed
+                    log.debug("no app to delete", exc_info=True)
                 serve.shutdown()
                 ray.shutdown()
         finally:

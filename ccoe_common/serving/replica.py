@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,9 @@ class ReplicaRuntime:
         rc = config.replica
         device = rc.device or ("cuda" if rc.num_gpus > 0 else "cpu")
         tracing.setup_tracing(config.telemetry)
+        # The engine thread holds the GIL for most of a step; a shorter switch interval keeps
+        # this process's event loop (streams out, cancels in, Ray's health probes) responsive.
+        sys.setswitchinterval(0.0005)
         model = CCoEModel.from_pretrained(config.backbone, dtype=_DTYPES[rc.dtype], device=device,
                                           budget_fraction=rc.budget_fraction)
         for uri in config.experts:

@@ -54,7 +54,10 @@ class Router:
             async for message in self.core.generate_stream(request, metadata_of(grpc_context)):
                 yield message
         except Exception as e:  # noqa: BLE001 - the gRPC edge
+            # Ray applies a stream's status only with a message or an exception: re-raising
+            # after setting the code makes the proxy answer with that code, not INTERNAL.
             apply_error(grpc_context, e)
+            raise
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=await self._status(request.service))

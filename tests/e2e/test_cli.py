@@ -78,8 +78,8 @@ def test_user_errors_are_one_line(deep_qwen2_dir, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_demo_runs_and_checks_itself(tmp_path):
-    proc = ccoe("demo", "--workdir", str(tmp_path), "--json")
+def test_core_demo_runs_and_checks_itself(tmp_path):
+    proc = ccoe("demo", "core", "--workdir", str(tmp_path), "--json")
     report = json.loads(proc.stdout)
     assert report["backbone_unchanged"] is True
     assert report["push"]["resident"] == ["math@1", "sql@1"]
@@ -87,5 +87,19 @@ def test_demo_runs_and_checks_itself(tmp_path):
     assert report["mixed_batch_max_abs_diff"] < 1e-4
     for prompt, outs in report["generations"].items():
         assert outs["math"] != outs["backbone"] or outs["sql"] != outs["backbone"], prompt
-    human = ccoe("demo", "--workdir", str(tmp_path)).stdout  # second run reuses the cached backbone
+    human = ccoe("demo", "core", "--workdir", str(tmp_path)).stdout  # second run reuses the cached backbone
     assert "backbone output unchanged by push/pop: True" in human
+
+
+def test_stack_demo_over_grpc(tmp_path):
+    """The README's main job: local Ray + redis-server + the gRPC app, end to end."""
+    report = json.loads(ccoe("demo", "--workdir", str(tmp_path), "--max-new-tokens", "4", "--json").stdout)
+    routes = {r["label"]: (r["policy"], r["rule_id"], r["experts"]) for r in report["requests"]}
+    assert routes["domain tag"] == ("rules", "math-domain", ["math@1"])
+    assert routes["regex rule"] == ("rules", "sql-words", ["sql@1"])
+    assert routes["no rule: default"] == ("default", "", [])
+    assert routes["fan-out rule"] == ("rules", "audit-fanout", ["math@1", "sql@1"])
+    assert routes["explicit expert"] == ("explicit", "", ["sql@1"])
+    assert report["stream_messages"] == 4
+    assert report["push"]["pushed"] == "law@1" and report["push"]["popped"] == ["law@1"]
+    assert report["push"]["after_pop"].startswith("NOT_FOUND")

@@ -200,6 +200,7 @@ def test_overload_is_retryable_and_nothing_queued_is_lost(model):
         with pytest.raises(Overloaded) as err:
             eng.submit(GenerationRequest(prompt_ids=[7], sampling=greedy(5)), lambda ev: None)
         assert err.value.retryable and err.value.code == "RESOURCE_EXHAUSTED" and "retry in 1.0s" in str(err.value)
+        assert "all 1 sequence slots are busy" in str(err.value)
         deadline = time.monotonic() + 60
         while not all(s and getattr(s[-1], "finish_reason", None) for s in sinks) and time.monotonic() < deadline:
             time.sleep(0.01)

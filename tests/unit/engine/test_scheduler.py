@@ -59,12 +59,16 @@ def test_slots_are_unique_and_returned():
 
 
 def test_full_queue_is_a_retryable_overload():
-    s = Scheduler(num_slots=1, max_batched_tokens=4, prefill_chunk=4, max_waiting=2)
-    s.add(seq("a", 1))
-    s.add(seq("b", 1))
-    with pytest.raises(Overloaded, match=r"waiting queue is full \(2 requests\); retry") as err:
-        s.add(seq("c", 1))
-    assert err.value.retryable and err.value.code == "RESOURCE_EXHAUSTED"
+    s = Scheduler(num_slots=1, max_batched_tokens=4, prefill_chunk=4, max_waiting=2, retry_after_s=0.5)
+    for name in "abc":  # one for the free slot, two for the queue
+        s.add(seq(name, 1))
+    with pytest.raises(Overloaded, match=r"all 1 sequence slots are busy and the waiting queue is full "
+                                         r"\(2 requests\); retry in 0.5s") as err:
+        s.add(seq("d", 1))
+    assert err.value.retryable and err.value.code == "RESOURCE_EXHAUSTED" and err.value.retry_after_s == 0.5
+    s.schedule()  # "a" takes the slot; the queue holds b, c: still full
+    with pytest.raises(Overloaded):
+        s.add(seq("d", 1))
 
 
 def test_budget_must_cover_every_slot():

@@ -39,7 +39,7 @@ def table() -> RuleTable:
 def test_priority_order_and_reasons(table):
     hit = table.match("SELECT a FROM t", metadata={"tenant": "finance"})
     assert (hit.rule_id, hit.experts) == ("sql-finance", ("sql", "math"))
-    assert hit.reason == "tenant 'finance' in ['finance']; regex '\\\\bSELECT\\\\b'"
+    assert hit.reason == "tenant 'finance' in ['finance']; regex /\\bSELECT\\b/"
     assert table.match("SELECT a FROM t").rule_id == "sql"
     assert table.match("How many apples?", domain="math").rule_id == "math"  # file order breaks the tie
     assert table.match("How many apples?").reason == "keyword 'how many'"

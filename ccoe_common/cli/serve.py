@@ -1,0 +1,44 @@
+"""`ccoe serve --config app.yaml`: the local stack (local Ray, embedded Redis, gRPC on loopback).
+
+Runs until interrupted (Ctrl-C / SIGTERM), then shuts everything down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+
+from ccoe_common.cli.common import add_json_flag, print_json
+from ccoe_common.serving.config import AppConfig
+from ccoe_common.serving.local_stack import LocalStack
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the local stack: Ray Serve gRPC app + embedded Redis")
+    p.add_argument("--config", required=True, help="app config (YAML), see docs/services.md")
+    p.add_argument("--port", type=int, help="gRPC port (default: the config's grpc_port)")
+    add_json_flag(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = AppConfig.load(args.config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with LocalStack(config, grpc_port=args.port) as stack:
+        info = {"grpc_address": stack.address, "redis_url": stack.redis_url,
+                "experts": list(config.experts), "replicas": config.replica.num_replicas}
+        if args.json:
+            print_json(info)
+            # From here on only Ray writes; keep it off the JSON stream.
+            os.dup2(2, 1)
+        else:
+            print(f"CCoE Serve is up: gRPC at {stack.address} (ccoe.v1.Inference, grpc.health.v1.Health, reflection)")
+            print(f"registry Redis: {stack.redis_url}; replicas: {config.replica.num_replicas}; Ctrl-C stops")
+        stop.wait()
+    if not args.json:
+        print("stopped")
+    return 0

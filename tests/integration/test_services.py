@@ -1,0 +1,300 @@
+"""The app through real gRPC channels, real Ray Serve, a real redis-server (the local stack).
+
+One stack serves the whole module (it takes ~20 s to start). Its engine is deliberately
+small (2 running sequences, 1 waiting) so overload is reachable with a handful of requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
+from ccoe_common.pb import inference_pb2 as pb
+from ccoe_common.pb import inference_pb2_grpc
+from ccoe_common.registry.redis_server import free_port
+from ccoe_common.serving.config import AppConfig
+from ccoe_common.serving.local_stack import LocalStack
+
+RULES_V1 = """
+version: 1
+rules:
+  - id: math-domain
+    match: {domain: [math]}
+    experts: [math]
+  - id: both
+    match: {keywords: [audit]}
+    experts: [math, sql]
+"""
+RULES_V2 = RULES_V1.replace("version: 1", "version: 2") + """
+  - id: sql-words
+    match: {keywords: [select]}
+    experts: [sql]
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    work = tmp_path_factory.mktemp("stack")
+    trace_dir = work / "traces"
+    os.environ["CCOE_TRACE_DIR"] = str(trace_dir)  # inherited by the Ray workers started below
+    uris = demo_experts(work)
+    rules = work / "rules.yaml"
+    rules.write_text(RULES_V1)
+    config = AppConfig.load({
+        "backbone": str(demo_backbone(work)),
+        "experts": [uris["math"], uris["sql"]],
+        "rules": str(rules),
+        "router": {"rules_check_interval_s": 0.2},
+        "replica": {"engine": {"max_seq_len": 1024, "max_running": 2, "max_waiting": 1, "max_batched_tokens": 64,
+                               "retry_after_s": 0.5}},
+    })
+    with LocalStack(config, grpc_port=free_port()) as st:
+        st.rules_path = rules
+        st.trace_dir = trace_dir
+        st.law_uri = uris["law"]
+        yield st
+    del os.environ["CCOE_TRACE_DIR"]
+
+
+@pytest.fixture(scope="module")
+def channel(stack):
+    ch = grpc.insecure_channel(stack.address)
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return inference_pb2_grpc.InferenceStub(channel)
+
+
+def replica_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("ModelReplica", app_name="ccoe").stats.remote().result()
+
+
+def wait_idle(timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = replica_stats()
+        if (stats["running"] == 0 and stats["waiting"] == 0) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+def still_serves(stub) -> None:
+    r = stub.Generate(pb.GenerateRequest(prompt="Compute 1 + 1", max_tokens=3), timeout=60)
+    assert r.usage.completion_tokens == 3
+
+
+def greedy(prompt: str, n: int, **kw) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, max_tokens=n, sampling=pb.SamplingParams(ignore_eos=True), **kw)
+
+
+def test_unary_with_route_trace(stub):
+    r = stub.Generate(greedy("Compute 12 + 7 and", 6, domain="math", request_id="req-1"), timeout=60)
+    assert r.request_id == "req-1" and len(r.token_ids) == 6 and r.finish_reason == "length"
+    assert (r.route.policy, r.route.rule_id) == ("rules", "math-domain")
+    assert [(e.name, e.version) for e in r.route.experts] == [("math", 1)]
+    assert r.route.reason == "domain 'math' in ['math']"
+    assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 0
+    assert 0 < r.timings.ttft_ms <= r.timings.total_ms
+
+
+def test_stream_equals_unary(stub):
+    request = greedy("SELECT name FROM users", 8, expert=pb.ExpertRef(name="sql"))
+    unary = stub.Generate(request, timeout=60)
+    messages = list(stub.GenerateStream(request, timeout=60))
+    assert len(messages) == 8 and messages[0].route.policy == "explicit"
+    assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
+    assert "".join(m.text for m in messages) == unary.text
+    assert messages[-1].finish_reason == "length" and messages[-1].usage.completion_tokens == 8
+    assert all(m.expert.name == "sql" and m.expert.version == 1 for m in messages)
+
+
+def test_fanout_returns_every_experts_answer(stub):
+    r = stub.Generate(greedy("please audit this", 5), timeout=60)
+    assert r.route.rule_id == "both" and [e.name for e in r.route.experts] == ["math", "sql"]
+    assert [f.expert.name for f in r.fanout] == ["math", "sql"]
+    for f in r.fanout:
+        alone = stub.Generate(greedy("please audit this", 5, expert=pb.ExpertRef(name=f.expert.name)), timeout=60)
+        assert list(f.token_ids) == list(alone.token_ids)
+    assert list(r.token_ids) == list(r.fanout[0].token_ids)
+    streamed = list(stub.GenerateStream(greedy("please audit this", 5), timeout=60))
+    by_expert = {n: [t for m in streamed if m.expert.name == n for t in m.token_ids] for n in ("math", "sql")}
+    assert by_expert == {f.expert.name: list(f.token_ids) for f in r.fanout}
+
+
+def test_default_route_is_the_backbone(stub):
+    r = stub.Generate(greedy("The patient presents with fever", 3), timeout=60)
+    assert r.route.policy == "default" and not r.route.experts
+
+
+@pytest.mark.parametrize(("request_kwargs", "fragment"), [
+    ({"prompt": "x", "sampling": pb.SamplingParams(top_p=1.5)}, "top_p: must be in (0, 1]"),
+    ({"prompt": "x", "sampling": pb.SamplingParams(temperature=11)}, "temperature: must be in [0, 10]"),
+    ({}, "prompt: give prompt or messages"),
+    ({"prompt": "x", "routing": pb.EXPERT}, "routing mode EXPERT needs expert.name"),
+    ({"prompt": "x" * 300_000}, "prompt: has 300000 characters; the limit is 200000"),
+    ({"prompt": "word " * 2000}, "tokens; this engine's max_seq_len is 1024"),
+    ({"messages": pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]), "template": pb.ALPACA},
+     "template: messages need template='chat'"),
+])
+def test_invalid_argument_names_the_field(stub, request_kwargs, fragment):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(**request_kwargs), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in err.value.details()
+    still_serves(stub)
+
+
+def test_non_utf8_text_is_invalid_argument(channel, stub):
+    raw = channel.unary_unary("/ccoe.v1.Inference/Generate", request_serializer=lambda b: b,
+                              response_deserializer=pb.GenerateResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\x12\x03\xff\xfeA", timeout=60)  # field 2 (prompt) holding bytes that are not UTF-8
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bad UTF-8" in err.value.details()
+    still_serves(stub)
+
+
+def test_unknown_expert_is_not_found(stub):
+    for call in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as err:
+            call(pb.GenerateRequest(prompt="x", expert=pb.ExpertRef(name="medical")), timeout=60)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "expert medical is not served here; resident experts: ['math@1', 'sql@1']" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(prompt="x", expert=pb.ExpertRef(name="math", version=7)), timeout=60)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    still_serves(stub)
+
+
+def test_plan_mode_is_unimplemented(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(prompt="x", routing=pb.PLAN), timeout=60)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_overload_is_resource_exhausted_with_retry_advice(stub):
+    # Two long requests hold both slots, a short one waits in the one-place queue ...
+    running = [stub.GenerateStream(greedy("Compute", 1000), timeout=120) for _ in range(2)]
+    assert all(next(s).token_ids for s in running)
+    queued = stub.GenerateStream(greedy("Compute", 5), timeout=120)
+    deadline = time.monotonic() + 30
+    while replica_stats()["waiting"] < 1:
+        assert time.monotonic() < deadline, "the third request never queued"
+        time.sleep(0.05)
+    # ... so the next one is refused, with retry advice, in both call styles.
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(greedy("Compute", 2), timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "waiting queue is full (1 requests); retry in 0.5s" in err.value.details()
+    assert dict(err.value.trailing_metadata()).get("retry-after-ms") == "500"
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GenerateStream(greedy("Compute", 2), timeout=60))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for s in running:
+        s.cancel()
+    # Nothing accepted is lost: the queued request completes in full once slots free up.
+    assert sum(len(m.token_ids) for m in queued) == 5
+    assert wait_idle()["running"] == 0
+    still_serves(stub)
+
+
+def test_server_deadline_is_deadline_exceeded_and_frees_the_slot(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(prompt="Compute", max_tokens=1000, timeout_ms=150,
+                                         sampling=pb.SamplingParams(ignore_eos=True)), timeout=60)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "0.15s deadline" in err.value.details()
+    assert wait_idle()["running"] == 0
+    still_serves(stub)
+
+
+def test_client_deadline_cancels_on_the_server(stub):
+    before = replica_stats()["generated_tokens"]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(greedy("Compute", 1000), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stats = wait_idle()
+    assert stats["running"] == 0 and stats["generated_tokens"] - before < 1000  # stopped early
+    still_serves(stub)
+
+
+def test_client_cancel_frees_the_slot(stub):
+    before = replica_stats()["generated_tokens"]
+    stream = stub.GenerateStream(greedy("Compute", 1000), timeout=120)
+    got = [next(stream) for _ in range(3)]
+    stream.cancel()
+    stats = wait_idle()
+    assert len(got) == 3 and stats["running"] == 0 and stats["free_slots"] == 2
+    assert stats["generated_tokens"] - before < 1000  # it really stopped early
+    still_serves(stub)
+
+
+def test_rules_reload_without_restart_and_bad_edits_are_refused(stack, stub):
+    request = greedy("select everything", 2)
+    assert stub.Generate(request, timeout=60).route.policy == "default"
+    stack.rules_path.write_text(RULES_V2)
+    deadline = time.monotonic() + 20
+    while stub.Generate(request, timeout=60).route.rule_id != "sql-words":
+        assert time.monotonic() < deadline, "the edited rules file was not picked up"
+        time.sleep(0.2)
+    stack.rules_path.write_text(RULES_V2 + "  - id: bad\n    match: {regex: ['(']}\n    experts: [sql]\n")
+    time.sleep(1.0)
+    assert stub.Generate(request, timeout=60).route.rule_id == "sql-words"  # old table kept
+    stack.rules_path.write_text(RULES_V1)
+
+
+def test_health_and_reflection(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="ccoe.v1.Inference"),
+                        timeout=30).status == health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="nope"),
+                        timeout=30).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "ccoe.v1.Inference" in services and "grpc.health.v1.Health" in services
+
+
+def test_live_push_and_pop_on_the_replica(stack, stub):
+    from ray import serve
+
+    replica = serve.get_deployment_handle("ModelReplica", app_name="ccoe")
+    assert replica.push.remote(stack.law_uri).result() == "law@1"
+    r = stub.Generate(greedy("The court held", 3, expert=pb.ExpertRef(name="law")), timeout=60)
+    assert [(e.name, e.version) for e in r.route.experts] == [("law", 1)]
+    assert replica.pop.remote("law", None, 30.0).result() == ["law@1"]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(greedy("The court held", 3, expert=pb.ExpertRef(name="law")), timeout=60)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_trace_context_flows_router_to_replica(stack, stub):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metadata = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+    stub.Generate(greedy("Compute 2 + 2", 3, domain="math"), timeout=60, metadata=metadata)
+    deadline = time.monotonic() + 10
+    spans: list[dict] = []
+    while time.monotonic() < deadline:
+        spans = [json.loads(line) for f in Path(stack.trace_dir).glob("*.jsonl") for line in f.read_text().splitlines()]
+        spans = [s for s in spans if s["trace_id"] == trace_id]
+        if {"router.Generate", "router.route", "replica.generate", "engine.decode"} <= {s["name"] for s in spans}:
+            break
+        time.sleep(0.2)
+    by_name = {s["name"]: s for s in spans}
+    assert {"router.Generate", "router.route", "replica.generate", "engine.queue", "engine.prefill",
+            "engine.decode"} <= set(by_name)
+    assert by_name["router.Generate"]["parent_id"] == "00f067aa0ba902b7"  # the caller's span
+    assert by_name["replica.generate"]["parent_id"] == by_name["router.Generate"]["span_id"]
+    assert by_name["engine.decode"]["parent_id"] == by_name["replica.generate"]["span_id"]
+    assert by_name["engine.decode"]["attributes"]["completion_tokens"] == 3
