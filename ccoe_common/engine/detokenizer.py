@@ -13,6 +13,11 @@ from collections.abc import Sequence
 _PARTIAL = "\ufffd"
 
 
+# Tokens decoded again with each new one: enough context for the tokenizer to join pieces
+# (byte-level merges, leading-space rules) without re-decoding the whole output every token.
+_CONTEXT = 6
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
@@ -21,20 +26,32 @@ class IncrementalDetokenizer:
         self.text = ""  # all text decoded so far (final once no partial char remains)
         self.emitted = 0  # characters of `text` already released
         self.stopped = False
+        self._done = 0  # tokens whose text is already in self.text
 
     def add(self, token_id: int) -> str:
         """Add one token; return the text now safe to release ("" if none)."""
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        if text.endswith(_PARTIAL):
-            return ""
-        self.text = text
+        start = max(0, self._done - _CONTEXT)
+        decode = self.tokenizer.decode
+        prefix = decode(self.token_ids[start:self._done], skip_special_tokens=True)
+        window = decode(self.token_ids[start:], skip_special_tokens=True)
+        if window.endswith(_PARTIAL) or not window.startswith(prefix):
+            return ""  # a character still incomplete: wait for the next token
+        self.text += window[len(prefix):]
+        self._done = len(self.token_ids)
         return self._release(final=False)
 
     def finish(self) -> str:
-        """Release whatever is held back (end of generation without a stop string)."""
+        """Release whatever is held back (end of generation without a stop string), including
+        a trailing incomplete character, as U+FFFD."""
         if self.stopped:
             return ""
+        if self._done < len(self.token_ids):
+            start = max(0, self._done - _CONTEXT)
+            prefix = self.tokenizer.decode(self.token_ids[start:self._done], skip_special_tokens=True)
+            window = self.tokenizer.decode(self.token_ids[start:], skip_special_tokens=True)
+            self.text += window[len(prefix):] if window.startswith(prefix) else window
+            self._done = len(self.token_ids)
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:

@@ -33,6 +33,8 @@ class AttentionBatch:
     write_rows: Tensor | None = None
     write_cols: Tensor | None = None
     key_len: int = 0  # K when a cache is used
+    # The first slot when the rows' slots are consecutive (s, s+1, ...): reads need no gather.
+    contiguous_from: int | None = None
 
     def take(self, rows: slice | Tensor) -> AttentionBatch:
         """The same inputs restricted to a subset of rows (a slice or an index tensor)."""
@@ -41,6 +43,7 @@ class AttentionBatch:
             row_ids = torch.arange(self.positions.shape[0], device=self.positions.device)[rows]
             valid = torch.arange(self.positions.shape[1], device=self.positions.device)[None, :] < self.query_lens[row_ids][:, None]
             write_rows, write_cols = valid.nonzero(as_tuple=True)
+        slots = None if self.slots is None else self.slots[rows]
         return AttentionBatch(
             positions=self.positions[rows],
             query_lens=self.query_lens[rows],
@@ -48,10 +51,11 @@ class AttentionBatch:
             cos=self.cos[rows],
             sin=self.sin[rows],
             cache=self.cache,
-            slots=None if self.slots is None else self.slots[rows],
+            slots=slots,
             write_rows=write_rows,
             write_cols=write_cols,
             key_len=self.key_len,
+            contiguous_from=None if slots is None else _consecutive_start(slots),
         )
 
 
@@ -81,5 +85,13 @@ def build_attention_batch(
     allowed = (keys[None, None, :] <= positions[:, :, None]) & (keys[None, None, :] < kv_lens[:, None, None])
     write_rows, write_cols = valid_q.nonzero(as_tuple=True)
     return AttentionBatch(
-        positions, query_lens, allowed[:, None], cos, sin, cache, slots, write_rows, write_cols, key_len
+        positions, query_lens, allowed[:, None], cos, sin, cache, slots, write_rows, write_cols, key_len,
+        _consecutive_start(slots),
     )
+
+
+def _consecutive_start(slots: Tensor) -> int | None:
+    first = int(slots[0])
+    if len(slots) == 1:
+        return first
+    return first if torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)) else None

@@ -45,6 +45,9 @@ class KVCache:
         # Advanced indices around a slice put the indexed dim first: targets are [N, G, E].
         self.k[layer][slots[rows], :, pos] = k[rows, :, cols]
         self.v[layer][slots[rows], :, pos] = v[rows, :, cols]
-        k_all = self.k[layer][slots, :, : batch.key_len]
-        v_all = self.v[layer][slots, :, : batch.key_len]
-        return k_all, v_all
+        first = batch.contiguous_from
+        if first is not None:
+            # Slots first, first+1, ...: a view, no copy of the keys and values.
+            return (self.k[layer][first:first + len(slots), :, : batch.key_len],
+                    self.v[layer][first:first + len(slots), :, : batch.key_len])
+        return self.k[layer][slots, :, : batch.key_len], self.v[layer][slots, :, : batch.key_len]

@@ -44,3 +44,17 @@ def test_stop_string_is_cut_and_never_streamed(tok):
 def test_stop_string_spanning_tokens(tok):
     deltas, d = stream(tok, "the patient presents with fever", stop=("nts wi",))
     assert d.stopped and "".join(deltas) == "the patient prese"
+
+
+def test_long_output_matches_one_full_decode(tok):
+    text = "Compute 12 + 7 and 144 / 12. SELECT name FROM users WHERE age > 30; café 東京 " * 5
+    deltas, d = stream(tok, text)
+    assert "".join(deltas) == tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+
+
+def test_an_unfinished_character_is_flushed_at_the_end(tok):
+    ids = tok("東", add_special_tokens=False).input_ids
+    assert len(ids) > 1  # one character spread over several byte tokens
+    d = IncrementalDetokenizer(tok)
+    assert d.add(ids[0]) == ""  # held back: not a whole character yet
+    assert d.finish() == tok.decode(ids[:1])  # released as is when generation ends there
