@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ccoe_common.cli import demo_stack
+from ccoe_common.cli import demo_stack, demo_zoo
 from ccoe_common.cli.demo_assets import demo_backbone, nudge
 from ccoe_common.cli.common import add_json_flag, format_table, human_bytes, print_json
 from ccoe_common.model import CCoEModel, Placement
@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     core.add_argument("--max-new-tokens", type=int, default=12, help="tokens per generation (default 12)")
     add_json_flag(core)
     core.set_defaults(handler=run)
+    demo_zoo.register(kinds)  # build, reproduce: the trained model zoo
 
 
 def run(args: argparse.Namespace) -> int:
