@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with LocalStack(config, grpc_port=args.port) as stack:
-        info = {"grpc_address": stack.address, "redis_url": stack.redis_url,
+        info = {"grpc_address": stack.address, "redis_url": stack.redis_url, "metrics_url": stack.metrics_url,
                 "experts": list(config.experts), "replicas": config.replica.num_replicas}
         if args.json:
             print_json(info)
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
             os.dup2(2, 1)
         else:
             print(f"CCoE Serve is up: gRPC at {stack.address} (ccoe.v1.Inference, grpc.health.v1.Health, reflection)")
+            print(f"metrics (Prometheus): {stack.metrics_url}")
             print(f"registry Redis: {stack.redis_url}; replicas: {config.replica.num_replicas}; Ctrl-C stops")
         stop.wait()
     if not args.json:

@@ -16,6 +16,7 @@ from ccoe_common.serving.config import AppConfig
 
 log = logging.getLogger(__name__)
 APP_NAME = "ccoe"
+METRICS_INTERVAL_MS = 2000  # how often Ray's processes report metrics to the node's exporter
 
 
 class LocalStack:
@@ -25,10 +26,16 @@ class LocalStack:
         self.num_cpus = num_cpus or max(2, os.cpu_count() or 2)
         self.redis: RedisServer | None = None
         self.redis_url = config.redis_url
+        self.metrics_port = free_port()
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus text of every Ray process on this node (ray_ccoe_* are ours)."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self) -> LocalStack:
         import ray
@@ -46,7 +53,9 @@ class LocalStack:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if not ray.is_initialized():
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace=APP_NAME,
-                     logging_level=logging.WARNING, log_to_driver=False)
+                     logging_level=logging.WARNING, log_to_driver=False,
+                     _metrics_export_port=self.metrics_port,
+                     _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS})
         serve.start(
             http_options={"host": "127.0.0.1", "port": free_port()},
             grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),

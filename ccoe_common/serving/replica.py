@@ -17,6 +17,7 @@ from ccoe_common.model import CCoEModel
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.events import Event, delta_event, error_event
 from ccoe_common.telemetry import tracing
+from ccoe_common.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,32 +37,61 @@ class ReplicaRuntime:
         for uri in config.experts:
             log.info("loading expert %s", model.push(uri))
         self.engine = Engine(model, rc.engine).start()
+        self.metrics = Metrics()
+        self.update_gauges()
 
     async def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]:
         """Engine deltas as events; engine errors become one final error event."""
         submitted_ns = time.time_ns()
+        expert = "backbone" if request.expert is None else str(request.expert)
+        code = "CANCELLED"  # unless the stream ends otherwise: the caller went away
+        gaps: list[float] = []
+        last = time.monotonic()
         with tracing.span("replica.generate", tracing.extract(carrier), request_id=request.request_id,
-                          expert=None if request.expert is None else str(request.expert)) as s:
+                          expert=expert) as s:
             try:
                 async for delta in self.engine.generate(request):
+                    now = time.monotonic()
+                    if delta.expert is not None:
+                        expert = str(delta.expert)
+                    gaps.append(now - last)
+                    last = now
                     if delta.finish_reason is not None:
+                        code = "OK"
                         _record_phases(submitted_ns, delta.timings, delta.usage)
                         s.set_attribute("finish_reason", delta.finish_reason)
-                        if delta.expert is not None:
-                            s.set_attribute("expert_version", str(delta.expert))
+                        s.set_attribute("expert_version", expert)
+                        self.metrics.request_finished(expert, code, delta.usage.prompt_tokens,
+                                                      delta.usage.completion_tokens)
+                        if delta.timings.ttft_s is not None:
+                            self.metrics.first_token(expert, delta.timings.ttft_s)
+                        self.metrics.inter_token(expert, gaps[1:])  # gaps[0] is the time to first token
                     yield delta_event(delta)
             except EngineError as e:
+                code = e.code
                 s.set_attribute("error.code", e.code)
                 yield error_event(e)
+            finally:
+                if code != "OK":
+                    self.metrics.request_finished(expert, code)
+                self.update_gauges()
+
+    def update_gauges(self) -> None:
+        s = self.engine.stats()
+        self.metrics.engine_state(s.running, s.waiting, s.kv_cache_bytes, s.resident)
 
     def expert_names(self) -> list[str]:
         return sorted({k.name for k in self.engine.model.resident()})
 
     def push(self, uri: str) -> str:
-        return str(self.engine.push(uri))
+        key = str(self.engine.push(uri))
+        self.update_gauges()
+        return key
 
     def pop(self, name: str, version: int | None = None, wait: float | None = None) -> list[str]:
-        return [str(k) for k in self.engine.pop(name, version, wait=wait)]
+        keys = [str(k) for k in self.engine.pop(name, version, wait=wait)]
+        self.update_gauges()
+        return keys
 
     def stats(self) -> dict[str, Any]:
         s = self.engine.stats()

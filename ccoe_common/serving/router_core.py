@@ -31,6 +31,7 @@ from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.events import Event, ServingError
 from ccoe_common.serving.grpc_convert import parse_request, route_trace, usage
 from ccoe_common.telemetry import tracing
+from ccoe_common.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class RouterCore:
         self._rules_mtime = self._mtime()
         self._next_check = 0.0
         tracing.setup_tracing(config.telemetry)
+        self.metrics = Metrics()
 
     # ---- rules ---------------------------------------------------------------------------
 
@@ -157,6 +159,32 @@ class RouterCore:
 
     async def generate_stream(self, req: pb.GenerateRequest,
                               metadata: dict[str, str]) -> AsyncIterator[pb.GenerateStreamResponse]:
+        policy, code = "none", "CANCELLED"
+        try:
+            async for message in self._generate_stream(req, metadata):
+                policy = message.route.policy or policy
+                yield message
+            code = "OK"
+        except Exception as e:
+            code = status_of(e).code
+            raise
+        finally:
+            self.metrics.router_request(policy, code)
+
+    async def generate(self, req: pb.GenerateRequest, metadata: dict[str, str]) -> pb.GenerateResponse:
+        code, policy = "OK", "none"
+        try:
+            response = await self._generate(req, metadata)
+            policy = response.route.policy
+            return response
+        except BaseException as e:
+            code = status_of(e).code if isinstance(e, Exception) else "CANCELLED"
+            raise
+        finally:
+            self.metrics.router_request(policy, code)
+
+    async def _generate_stream(self, req: pb.GenerateRequest,
+                               metadata: dict[str, str]) -> AsyncIterator[pb.GenerateStreamResponse]:
         start = time.monotonic()
         with tracing.span("router.GenerateStream", tracing.extract(metadata)):
             route, requests = self._plan(req)
@@ -181,7 +209,7 @@ class RouterCore:
                     first = False
                 yield msg
 
-    async def generate(self, req: pb.GenerateRequest, metadata: dict[str, str]) -> pb.GenerateResponse:
+    async def _generate(self, req: pb.GenerateRequest, metadata: dict[str, str]) -> pb.GenerateResponse:
         start = time.monotonic()
         with tracing.span("router.Generate", tracing.extract(metadata)):
             route, requests = self._plan(req)

@@ -298,3 +298,21 @@ def test_trace_context_flows_router_to_replica(stack, stub):
     assert by_name["replica.generate"]["parent_id"] == by_name["router.Generate"]["span_id"]
     assert by_name["engine.decode"]["parent_id"] == by_name["replica.generate"]["span_id"]
     assert by_name["engine.decode"]["attributes"]["completion_tokens"] == 3
+
+
+def test_prometheus_metrics_from_the_ray_node(stack, stub):
+    import urllib.request
+
+    stub.Generate(greedy("Compute 5 + 5", 4, domain="math"), timeout=60)
+    deadline = time.monotonic() + 30
+    while True:  # Ray's processes report every 2 s; the node exporter serves what it has
+        body = urllib.request.urlopen(stack.metrics_url, timeout=5).read().decode()
+        ours = [line for line in body.splitlines() if line.startswith("ray_ccoe_")]
+        names = {line.split("{")[0].split(" ")[0] for line in ours}
+        if {"ray_ccoe_requests_total", "ray_ccoe_generated_tokens_total", "ray_ccoe_ttft_seconds_bucket",
+                "ray_ccoe_router_requests_total", "ray_ccoe_resident_experts"} <= names:
+            break
+        assert time.monotonic() < deadline, f"metrics not exported; have {sorted(names)}"
+        time.sleep(1)
+    assert any('expert="math@1"' in line and 'code="OK"' in line
+               for line in ours if line.startswith("ray_ccoe_requests_total"))

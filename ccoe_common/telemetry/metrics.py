@@ -1,0 +1,136 @@
+"""Serving metrics in Prometheus format.
+
+Inside Ray (the deployments) metrics go through `ray.util.metrics`, which every Ray node
+exports in Prometheus text format on its metrics port (KubeRay's PodMonitors scrape it); Ray
+prefixes names with `ray_`, e.g. `ray_ccoe_requests_total`. Outside Ray (in-process engines,
+tools, tests) the same metrics live in a private prometheus_client registry; `render()`
+returns its text.
+
+| metric | type | labels |
+| --- | --- | --- |
+| ccoe_requests_total | counter | expert, code (gRPC status name: OK, NOT_FOUND, ...); one per engine request |
+| ccoe_router_requests_total | counter | policy (explicit, rules, default, none), code; one per gRPC call |
+| ccoe_prompt_tokens_total, ccoe_generated_tokens_total | counter | expert |
+| ccoe_ttft_seconds, ccoe_inter_token_latency_seconds | histogram | expert |
+| ccoe_running_sequences, ccoe_queue_depth | gauge | |
+| ccoe_resident_experts, ccoe_kv_cache_bytes | gauge | |
+| ccoe_resident_expert_bytes | gauge | expert |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+_COUNTERS = {
+    "ccoe_requests_total": ("Finished requests by expert and gRPC status.", ("expert", "code")),
+    "ccoe_prompt_tokens_total": ("Prompt tokens of finished requests.", ("expert",)),
+    "ccoe_generated_tokens_total": ("Generated tokens.", ("expert",)),
+    "ccoe_router_requests_total": ("gRPC calls by route policy and status.", ("policy", "code")),
+}
+_HISTOGRAMS = {
+    "ccoe_ttft_seconds": ("Time to first token, from the replica receiving the request.", ("expert",)),
+    "ccoe_inter_token_latency_seconds": ("Time between consecutive tokens of a request.", ("expert",)),
+}
+_GAUGES = {
+    "ccoe_running_sequences": ("Sequences in the running batch.", ()),
+    "ccoe_queue_depth": ("Requests waiting for a KV slot.", ()),
+    "ccoe_resident_experts": ("Expert versions resident on this replica.", ()),
+    "ccoe_kv_cache_bytes": ("Bytes of the preallocated KV cache.", ()),
+    "ccoe_resident_expert_bytes": ("Parameter bytes of each resident expert version.", ("expert",)),
+}
+
+
+class Metrics:
+    def __init__(self, backend: str | None = None):
+        """backend: "ray", "prometheus", or None = ray when running inside Ray."""
+        if backend is None:
+            backend = "ray" if _in_ray() else "prometheus"
+        self.backend = backend
+        self._m: dict[str, Any] = {}
+        if backend == "ray":
+            from ray.util import metrics as rm
+
+            for name, (doc, tags) in _COUNTERS.items():
+                self._m[name] = rm.Counter(name, description=doc, tag_keys=tags)
+            for name, (doc, tags) in _HISTOGRAMS.items():
+                self._m[name] = rm.Histogram(name, description=doc, boundaries=list(LATENCY_BUCKETS), tag_keys=tags)
+            for name, (doc, tags) in _GAUGES.items():
+                self._m[name] = rm.Gauge(name, description=doc, tag_keys=tags)
+        else:
+            import prometheus_client as pc
+
+            self.registry = pc.CollectorRegistry()
+            for name, (doc, tags) in _COUNTERS.items():
+                self._m[name] = pc.Counter(name.removesuffix("_total"), doc, tags, registry=self.registry)
+            for name, (doc, tags) in _HISTOGRAMS.items():
+                self._m[name] = pc.Histogram(name, doc, tags, buckets=LATENCY_BUCKETS, registry=self.registry)
+            for name, (doc, tags) in _GAUGES.items():
+                self._m[name] = pc.Gauge(name, doc, tags, registry=self.registry)
+
+    def _inc(self, name: str, value: float, **tags: str) -> None:
+        m = self._m[name]
+        if self.backend == "ray":
+            m.inc(value, tags=tags or None)
+        else:
+            (m.labels(**tags) if tags else m).inc(value)
+
+    def _observe(self, name: str, value: float, **tags: str) -> None:
+        m = self._m[name]
+        if self.backend == "ray":
+            m.observe(value, tags=tags or None)
+        else:
+            (m.labels(**tags) if tags else m).observe(value)
+
+    def _set(self, name: str, value: float, **tags: str) -> None:
+        m = self._m[name]
+        if self.backend == "ray":
+            m.set(value, tags=tags or None)
+        else:
+            (m.labels(**tags) if tags else m).set(value)
+
+    # ---- what the services record --------------------------------------------------------
+
+    def request_finished(self, expert: str, code: str, prompt_tokens: int = 0, generated_tokens: int = 0) -> None:
+        self._inc("ccoe_requests_total", 1, expert=expert, code=code)
+        if prompt_tokens:
+            self._inc("ccoe_prompt_tokens_total", prompt_tokens, expert=expert)
+        if generated_tokens:
+            self._inc("ccoe_generated_tokens_total", generated_tokens, expert=expert)
+
+    def router_request(self, policy: str, code: str) -> None:
+        self._inc("ccoe_router_requests_total", 1, policy=policy, code=code)
+
+    def first_token(self, expert: str, seconds: float) -> None:
+        self._observe("ccoe_ttft_seconds", seconds, expert=expert)
+
+    def inter_token(self, expert: str, gaps: Sequence[float]) -> None:
+        for gap in gaps:
+            self._observe("ccoe_inter_token_latency_seconds", gap, expert=expert)
+
+    def engine_state(self, running: int, waiting: int, kv_cache_bytes: int, resident: dict[str, int]) -> None:
+        self._set("ccoe_running_sequences", running)
+        self._set("ccoe_queue_depth", waiting)
+        self._set("ccoe_kv_cache_bytes", kv_cache_bytes)
+        self._set("ccoe_resident_experts", len(resident))
+        for expert, nbytes in resident.items():
+            self._set("ccoe_resident_expert_bytes", nbytes, expert=expert)
+
+    def render(self) -> str:
+        """Prometheus text of the in-process registry (prometheus backend only)."""
+        if self.backend != "prometheus":
+            raise RuntimeError("inside Ray, metrics are exported by the Ray node's metrics endpoint")
+        import prometheus_client as pc
+
+        return pc.generate_latest(self.registry).decode()
+
+
+def _in_ray() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized()
+    except ImportError:
+        return False
