@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ZooConfig(BaseModel):
-    """Sized so the whole build takes a few minutes on 2 CPU cores (about 2.7M parameters)."""
+    """Sized so the whole build takes a few minutes on 2 CPU cores (about 2.6M parameters)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
