@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ccoe_common.bench import memory, throughput
+from ccoe_common.bench import memory, serve, throughput
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,3 +16,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("throughput", help="tokens/s: CCoE vs bare backbone, multi-LoRA and separate models")
     throughput.add_arguments(p)
     p.set_defaults(handler=throughput.run)
+    p = kinds.add_parser("serve", help="served gRPC stack vs the in-process engine: tokens/s, TTFT, ITL")
+    serve.add_arguments(p)
+    p.set_defaults(handler=serve.run)

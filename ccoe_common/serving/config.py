@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ccoe_common.engine.engine import EngineConfig
 
@@ -52,6 +53,12 @@ class TelemetryConfig(BaseModel):
     otlp_endpoint: str = Field("http://localhost:4317", description="OTLP/gRPC collector address.")
     service_name: str = Field("ccoe-serve", description="service.name resource attribute.")
 
+    @field_validator("tracing", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false.
+        return "off" if v is False else v
+
 
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -65,6 +72,16 @@ class AppConfig(BaseModel):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     grpc_port: int = Field(9000, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy (local stack).")
     redis_url: str | None = Field(None, description="Registry Redis; none = the local stack starts its own.")
+
+    @field_validator("backbone", "rules")
+    @classmethod
+    def _expand_home(cls, v: str | None) -> str | None:
+        return None if v is None else os.path.expanduser(v)
+
+    @field_validator("experts")
+    @classmethod
+    def _expand_home_all(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(os.path.expanduser(u) if u.startswith("~") else u for u in v)
 
     @classmethod
     def load(cls, source: str | Path | dict[str, Any] | AppConfig) -> AppConfig:

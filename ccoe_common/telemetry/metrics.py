@@ -70,53 +70,40 @@ class Metrics:
             for name, (doc, tags) in _GAUGES.items():
                 self._m[name] = pc.Gauge(name, doc, tags, registry=self.registry)
 
-    def _inc(self, name: str, value: float, **tags: str) -> None:
+    def _record(self, method: str, name: str, value: float, **tags: str) -> None:
+        """method: "inc", "observe" or "set" (the same names in both backends)."""
         m = self._m[name]
         if self.backend == "ray":
-            m.inc(value, tags=tags or None)
+            getattr(m, method)(value, tags=tags or None)
         else:
-            (m.labels(**tags) if tags else m).inc(value)
-
-    def _observe(self, name: str, value: float, **tags: str) -> None:
-        m = self._m[name]
-        if self.backend == "ray":
-            m.observe(value, tags=tags or None)
-        else:
-            (m.labels(**tags) if tags else m).observe(value)
-
-    def _set(self, name: str, value: float, **tags: str) -> None:
-        m = self._m[name]
-        if self.backend == "ray":
-            m.set(value, tags=tags or None)
-        else:
-            (m.labels(**tags) if tags else m).set(value)
+            getattr(m.labels(**tags) if tags else m, method)(value)
 
     # ---- what the services record --------------------------------------------------------
 
     def request_finished(self, expert: str, code: str, prompt_tokens: int = 0, generated_tokens: int = 0) -> None:
-        self._inc("ccoe_requests_total", 1, expert=expert, code=code)
+        self._record("inc", "ccoe_requests_total", 1, expert=expert, code=code)
         if prompt_tokens:
-            self._inc("ccoe_prompt_tokens_total", prompt_tokens, expert=expert)
+            self._record("inc", "ccoe_prompt_tokens_total", prompt_tokens, expert=expert)
         if generated_tokens:
-            self._inc("ccoe_generated_tokens_total", generated_tokens, expert=expert)
+            self._record("inc", "ccoe_generated_tokens_total", generated_tokens, expert=expert)
 
     def router_request(self, policy: str, code: str) -> None:
-        self._inc("ccoe_router_requests_total", 1, policy=policy, code=code)
+        self._record("inc", "ccoe_router_requests_total", 1, policy=policy, code=code)
 
     def first_token(self, expert: str, seconds: float) -> None:
-        self._observe("ccoe_ttft_seconds", seconds, expert=expert)
+        self._record("observe", "ccoe_ttft_seconds", seconds, expert=expert)
 
     def inter_token(self, expert: str, gaps: Sequence[float]) -> None:
         for gap in gaps:
-            self._observe("ccoe_inter_token_latency_seconds", gap, expert=expert)
+            self._record("observe", "ccoe_inter_token_latency_seconds", gap, expert=expert)
 
     def engine_state(self, running: int, waiting: int, kv_cache_bytes: int, resident: dict[str, int]) -> None:
-        self._set("ccoe_running_sequences", running)
-        self._set("ccoe_queue_depth", waiting)
-        self._set("ccoe_kv_cache_bytes", kv_cache_bytes)
-        self._set("ccoe_resident_experts", len(resident))
+        self._record("set", "ccoe_running_sequences", running)
+        self._record("set", "ccoe_queue_depth", waiting)
+        self._record("set", "ccoe_kv_cache_bytes", kv_cache_bytes)
+        self._record("set", "ccoe_resident_experts", len(resident))
         for expert, nbytes in resident.items():
-            self._set("ccoe_resident_expert_bytes", nbytes, expert=expert)
+            self._record("set", "ccoe_resident_expert_bytes", nbytes, expert=expert)
 
     def render(self) -> str:
         """Prometheus text of the in-process registry (prometheus backend only)."""

@@ -1,0 +1,25 @@
+"""`ccoe bench serve` end to end at a toy size: structure and sanity, no timing thresholds."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+
+from ccoe_common.cli.main import main
+
+
+def test_serve_bench_json_has_every_figure():
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = main(["bench", "serve", "--shape", "tiny", "--clients", "3", "--prompt-tokens", "8",
+                   "--new-tokens", "4", "--rounds", "1", "--json"])
+    assert rc == 0
+    report = json.loads(out.getvalue().strip().splitlines()[-1])
+    for key in ("served_tokens_per_s", "engine_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+                "itl_p99_ms", "failed_requests"):
+        assert key in report, key
+    assert report["failed_requests"] == 0 and report["requests"] == 3
+    assert report["served_tokens_per_s"] > 0 and report["engine_tokens_per_s"] > 0
+    assert 0 < report["ttft_p50_ms"] <= report["ttft_p99_ms"]
+    assert 0 < report["itl_p50_ms"] <= report["itl_p99_ms"]
