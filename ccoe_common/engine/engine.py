@@ -290,8 +290,12 @@ class Engine:
             keys = [k for k in keys if k not in self._draining]
             if not keys:
                 raise ExpertUnavailable(f"no resident, non-draining version of expert {name!r}")
-            if export_to is not None:
-                self.model.export(keys[-1], export_to)
+        if export_to is not None:
+            # Outside the lock: writing an artifact must not hold up the step loop. The
+            # expert stays resident (and serving) until it is marked draining below.
+            self.model.export(keys[-1], export_to)
+        with self._lock:
+            keys = [k for k in keys if k not in self._draining and k in self.model.resident()]
             events = []
             for key in keys:
                 self._draining.add(key)

@@ -113,10 +113,14 @@ class CCoEModel:
             keys = [self._resolve_key(name, version)] if version is not None else self.versions_of(name)
             if not keys:
                 raise ExpertNotResident(f"no resident expert named {name!r}; resident: {self._names()}")
-            if export_to is not None:
-                self._experts[keys[-1]].to_artifact(export_to, self.info)
+            newest = self._experts[keys[-1]]
+        if export_to is not None:
+            newest.to_artifact(export_to, self.info)  # unlocked: forwards go on meanwhile
+        with self._lock:
+            keys = [k for k in keys if k in self._experts]
             for key in keys:
                 del self._experts[key]
+        del newest
         gc.collect()
         return keys
 
