@@ -1,4 +1,6 @@
-"""Ray Serve deployments (router, replica, registry): thin glue over ccoe_common.
+"""Ray Serve deployments: thin glue between gRPC messages and ccoe_common.
 
-Empty until the services issue lands; kept so the package layout is fixed from the start.
+router/  the ingress (ccoe.v1.Inference + grpc.health.v1.Health) -> ccoe_common.serving.router_core
+replica/ one engine per replica -> ccoe_common.serving.replica
+app.py   build_app(config): validates the config once and binds the deployments
 """
