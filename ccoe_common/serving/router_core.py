@@ -50,9 +50,8 @@ class LocalReplicaClient:
         return self.runtime.stream(request, carrier)
 
 
-def initial_rules(config: AppConfig) -> RuleTable:
-    """The configured rule table, validated against the experts the config loads."""
-    known = {read_manifest(uri).name for uri in config.experts}
+def initial_rules(config: AppConfig, known: set[str]) -> RuleTable:
+    """The configured rule table, validated against the expert names the config loads."""
     if config.rules_inline is not None:
         return RuleTable.from_dict(config.rules_inline, known)
     if config.rules is not None:
@@ -65,7 +64,7 @@ class RouterCore:
         self.config = config
         self.client = client
         self.known_experts = {read_manifest(uri).name for uri in config.experts}
-        self.table = initial_rules(config)
+        self.table = initial_rules(config, self.known_experts)
         self._rules_mtime = self._mtime()
         self._next_check = 0.0
         tracing.setup_tracing(config.telemetry)
