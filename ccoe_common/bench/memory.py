@@ -172,6 +172,23 @@ def _materialize(model: Any) -> None:
             p.data = p.data.clone()
 
 
+def lora_model(checkpoint: Path, dtype: Any, adapter_names: Sequence[str]) -> Any:
+    """The multi-LoRA baseline: a transformers model (weights materialised) with one peft
+    adapter per name, rank LORA_RANK on LORA_TARGETS, adapters kept in the model's dtype."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+    _materialize(base)
+    config = LoraConfig(r=LORA_RANK, target_modules=list(LORA_TARGETS), init_lora_weights=False)
+    # autocast_adapter_dtype=False keeps adapters in bf16 like the backbone and the CCoE
+    # experts; peft's default upcasts them to fp32 for training, which a server would not.
+    model = get_peft_model(base, config, adapter_name=adapter_names[0], autocast_adapter_dtype=False)
+    for name in adapter_names[1:]:
+        model.add_adapter(name, config, autocast_adapter_dtype=False)
+    return model.eval()
+
+
 def build_system(system: str, n: int, checkpoint: Path, expert_uris: Sequence[str]) -> tuple[Any, int]:
     """Build `system` serving n domains; returns the object to keep alive and its tensor bytes."""
     import torch
@@ -193,18 +210,7 @@ def build_system(system: str, n: int, checkpoint: Path, expert_uris: Sequence[st
         models = [CCoEModel.from_pretrained(checkpoint, dtype=dtype) for _ in range(n)]
         return models, sum(m.memory_report().total_bytes for m in models)
     if system == "lora":
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
-        _materialize(base)
-        config = LoraConfig(r=LORA_RANK, target_modules=list(LORA_TARGETS), init_lora_weights=False)
-        # autocast_adapter_dtype=False keeps adapters in bf16 like the backbone and the CCoE
-        # experts; peft's default upcasts them to fp32 for training, which a server would not.
-        model = get_peft_model(base, config, adapter_name="a0", autocast_adapter_dtype=False)
-        for i in range(1, n):
-            model.add_adapter(f"a{i}", config, autocast_adapter_dtype=False)
-        model.eval()
+        model = lora_model(checkpoint, dtype, [f"a{i}" for i in range(n)])
         return model, _unique_param_bytes([model])
     raise ValueError(f"unknown system {system!r}; expected one of {SYSTEMS}")
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccoe_common.bench.memory import LORA_RANK, LORA_TARGETS, _materialize, _quiet_transformers
+from ccoe_common.bench.memory import LORA_RANK, LORA_TARGETS, _materialize, _quiet_transformers, lora_model
 from ccoe_common.bench.memory import SHAPES as MEMORY_SHAPES
 from ccoe_common.cli.common import Progress, UserError, add_json_flag, format_table, human_bytes, print_json
 
@@ -167,7 +167,6 @@ def _unique_bytes(named: Sequence[tuple[str, Any]]) -> int:
 
 def build_systems(checkpoint: Path, dtype_name: str, wl: Workload, progress: Progress) -> Systems:
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from ccoe_common.engine.engine import Engine, EngineConfig
@@ -206,16 +205,9 @@ def build_systems(checkpoint: Path, dtype_name: str, wl: Workload, progress: Pro
 
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers helper
-        base = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
-        _materialize(base)
-        config = LoraConfig(r=LORA_RANK, target_modules=list(LORA_TARGETS), init_lora_weights=False)
-        # autocast_adapter_dtype=False keeps adapters in the model's dtype (peft upcasts to fp32 for training).
-        peft = get_peft_model(base, config, adapter_name="d0", autocast_adapter_dtype=False)
-        for d in range(1, NUM_DOMAINS):
-            peft.add_adapter(f"d{d}", config, autocast_adapter_dtype=False)
+        peft = lora_model(checkpoint, dtype, [f"d{d}" for d in range(NUM_DOMAINS)])
         hf = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
         _materialize(hf)
-    peft.eval()
     hf.eval()
     progress.step(f"peft: {NUM_DOMAINS} LoRA adapters (rank {LORA_RANK}); plain transformers model")
 
