@@ -36,7 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccoe_common.cli.common import Progress, UserError, add_json_flag, format_table, human_bytes, print_json
+from ccoe_common.cli.common import (
+    Progress,
+    UserError,
+    add_json_flag,
+    format_table,
+    human_bytes,
+    positive_int,
+    print_json,
+)
 
 SYSTEMS = ("backbone", "ccoe", "ensemble", "lora")
 
@@ -78,12 +86,9 @@ def parse_ns(text: str) -> tuple[int, ...]:
         if not part:
             continue
         try:
-            value = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not an integer") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"n must be >= 1, got {value} in {text!r}")
-        values.add(value)
+            values.add(positive_int(part))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"n in {text!r}: {e}") from None
     if not values:
         raise argparse.ArgumentTypeError(f"no n values in {text!r}; give e.g. 1,3,5,10")
     return tuple(sorted(values))

@@ -48,7 +48,15 @@ from typing import Any
 
 from ccoe_common.bench.memory import LORA_RANK, LORA_TARGETS, _materialize, _quiet_transformers, lora_model
 from ccoe_common.bench.memory import SHAPES as MEMORY_SHAPES
-from ccoe_common.cli.common import Progress, UserError, add_json_flag, format_table, human_bytes, print_json
+from ccoe_common.cli.common import (
+    Progress,
+    UserError,
+    add_json_flag,
+    format_table,
+    human_bytes,
+    positive_int,
+    print_json,
+)
 
 NUM_DOMAINS = 5
 SEQ_SYSTEMS = ("ccoe", "backbone", "peft_lora", "ensemble")
@@ -104,20 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for every system (default: the CPU count)")
     for f in dataclasses.fields(Workload):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=_positive, default=None, metavar="N",
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=positive_int, default=None, metavar="N",
                             help=f"override the workload's {f.name}")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_json_flag(parser)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
