@@ -11,6 +11,7 @@ from typing import Any
 from ray.serve import Application
 
 from ccoe_common.serving.config import AppConfig
+from services.registry.deployment import Registry
 from services.replica.deployment import ModelReplica
 from services.router.deployment import Router
 
@@ -18,8 +19,11 @@ CONTROL_HEADROOM = 16
 
 GRPC_SERVICERS = (
     "ccoe_common.serving.grpc_servicers.add_inference_servicer",
+    "ccoe_common.pb.registry_pb2_grpc.add_RegistryServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
+# Every replica and router holds one WatchDesiredState stream open on the registry.
+REGISTRY_MAX_ONGOING = 1024
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
@@ -33,8 +37,12 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         # limit only needs room above it for control calls (stats, push, pop, health).
         max_ongoing_requests=rc.engine.max_running + rc.engine.max_waiting + CONTROL_HEADROOM,
     ).bind(raw)
+    # One registry replica: Redis holds the state, so a restart loses nothing, and a single
+    # controller advances rollouts (compare-and-set would keep two correct, just busier).
+    registry = Registry.options(num_replicas=1, ray_actor_options={"num_cpus": 0},
+                                max_ongoing_requests=REGISTRY_MAX_ONGOING).bind(raw)
     return Router.options(
         num_replicas=config.router.num_replicas,
         ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=4 * (rc.engine.max_running + rc.engine.max_waiting),
-    ).bind(replica, raw)
+        max_ongoing_requests=4 * (rc.engine.max_running + rc.engine.max_waiting) + CONTROL_HEADROOM,
+    ).bind(replica, registry, raw)

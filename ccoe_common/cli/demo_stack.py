@@ -21,6 +21,7 @@ from ccoe_common.cli.common import print_json, stdout_to_stderr
 from ccoe_common.cli.demo_assets import demo_backbone, demo_experts, demo_rules
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
+from ccoe_common.registry.client import RegistryClient
 from ccoe_common.registry.redis_server import free_port
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
@@ -81,25 +82,29 @@ def run(args: argparse.Namespace) -> int:
         say(f"  ({len(pieces)} messages)")
         report["stream_messages"] = len(pieces)
 
-        from ray import serve
-
-        replica = serve.get_deployment_handle("ModelReplica", app_name="ccoe")
-        pushed = replica.push.remote(uris["law"]).result()
-        r = stub.Generate(pb.GenerateRequest(prompt="The court held that", expert=pb.ExpertRef(name="law"),
-                                             routing=pb.EXPERT, max_tokens=n), timeout=120)
-        say(f"\nlive push: {pushed} -> request on law: {_trace(r.route)}\n    answer: {r.text!r}")
-        popped = replica.pop.remote("law", None, 30.0).result()
-        try:
-            stub.Generate(pb.GenerateRequest(prompt="The court held that", expert=pb.ExpertRef(name="law"),
-                                             routing=pb.EXPERT, max_tokens=n), timeout=120)
-            after_pop = "OK (unexpected)"
-        except grpc.RpcError as e:
-            after_pop = f"{e.code().name}: {e.details()}"
-        say(f"live pop: {', '.join(popped)} -> the next request on law gets {after_pop}")
-        report["push"] = {"pushed": pushed, "popped": popped, "after_pop": after_pop}
-        stats = replica.stats.remote().result()
-        say(f"replica: {stats['generated_tokens']} tokens generated in {stats['steps']} engine steps; "
-            f"resident {sorted(stats['resident'])}")
+        with RegistryClient(stack.address) as registry:
+            pushed = registry.push(uris["law"], who="demo")
+            key = f"{pushed.expert.name}@{pushed.expert.version}"
+            done = registry.wait_rollout("law", pushed.rollout.id, timeout_s=120)
+            r = stub.Generate(pb.GenerateRequest(prompt="The court held that", expert=pb.ExpertRef(name="law"),
+                                                 routing=pb.EXPERT, max_tokens=n), timeout=120)
+            say(f"\nlive push: {key} rolled out to {len(done.replicas)} replica(s) in "
+                f"{done.finished_at - done.started_at:.2f}s -> request on law: {_trace(r.route)}\n"
+                f"    answer: {r.text!r}")
+            popped_msg = registry.pop("law", who="demo", wait_s=30)
+            popped = [f"{e.name}@{e.version}" for e in popped_msg.retired]
+            try:
+                stub.Generate(pb.GenerateRequest(prompt="The court held that", expert=pb.ExpertRef(name="law"),
+                                                 routing=pb.EXPERT, max_tokens=n), timeout=120)
+                after_pop = "OK (unexpected)"
+            except grpc.RpcError as e:
+                after_pop = f"{e.code().name}: {e.details()}"
+            say(f"live pop: {', '.join(popped)} (drained: {popped_msg.drained}) -> the next request on law "
+                f"gets {after_pop}")
+            report["push"] = {"pushed": key, "popped": popped, "after_pop": after_pop}
+            audit = registry.audit(limit=20).entries
+            say(f"audit trail: {', '.join(f'{e.what}' for e in reversed(audit))}")
+            report["audit"] = [e.what for e in reversed(audit)]
         channel.close()
         say("\nshutting down ...", flush=True)
     say("done.")

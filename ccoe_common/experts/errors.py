@@ -18,6 +18,10 @@ class ExpertError(ValueError):
         msg = f"{subject}: {field} expected {_short(expected)}, found {_short(found)}"
         super().__init__(f"{msg} ({hint})" if hint else msg)
 
+    def __reduce__(self):
+        # Crosses process boundaries (Ray): rebuild from the fields, not from the message.
+        return type(self), (self.subject, self.field, self.expected, self.found, self.hint)
+
 
 def _short(value: Any) -> str:
     # Bare words and values are quoted (a name, a hash); descriptions read better without.

@@ -13,8 +13,9 @@ Key schema (prefix `ccoe:`, all values UTF-8 JSON unless said otherwise):
 | `ccoe:rev` | string (int) | global revision, +1 on every change |
 | `ccoe:experts` | set | names of registered experts |
 | `ccoe:expert:{name}` | hash | `rev` (per-expert CAS revision), `latest` (newest registered version) |
-| `ccoe:expert:{name}:v:{version}` | hash | `manifest`, `uri`, `state` (`active` or `retired`), `registered_rev` |
-| `ccoe:desired` | hash | expert name -> version every replica should serve |
+| `ccoe:expert:{name}:v:{version}` | hash | `manifest`, `uri`, `state` (`active`, `retired`, `failed`, `rolled_back`), `registered_rev` |
+| `ccoe:desired` | hash | expert name -> the serving version (what requests resolve to) |
+| `ccoe:rollouts` | hash | expert name -> its rollout in progress or its last one (JSON) |
 | `ccoe:rules` | hash | `rev`, `table` |
 | `ccoe:audit` | stream | one entry per change: `who`, `what`, `detail`, `rev` (entry id = when) |
 | `ccoe:replica:{id}` | string, TTL | the replica's last report (loaded versions, health, memory) |
@@ -24,16 +25,18 @@ Key schema (prefix `ccoe:`, all values UTF-8 JSON unless said otherwise):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from ccoe_common.registry.errors import RevisionConflict, StaleVersion, UnknownExpert
+
 PREFIX = "ccoe:"
 CHANNEL = PREFIX + "changes"
 
-# KEYS: rev, experts, expert, version-key, desired, audit
-# ARGV: name, version, expected_rev, manifest, uri, who, make_desired
+# KEYS: rev, experts, expert, version-key, desired, audit, channel, rollouts
+# ARGV: name, version, expected_rev, manifest, uri, who, make_desired, rollout ('' = none)
 _PUSH = """
 local cur = tonumber(redis.call('HGET', KEYS[3], 'rev') or '0')
 if cur ~= tonumber(ARGV[3]) then return {'conflict', cur} end
@@ -45,22 +48,24 @@ redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[3], 'rev', cur + 1, 'latest', version)
 redis.call('HSET', KEYS[4], 'manifest', ARGV[4], 'uri', ARGV[5], 'state', 'active', 'registered_rev', rev)
 if ARGV[7] == '1' then redis.call('HSET', KEYS[5], ARGV[1], version) end
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[8], ARGV[1], ARGV[8]) end
 redis.call('XADD', KEYS[6], '*', 'who', ARGV[6], 'what', 'push', 'rev', rev,
            'detail', cjson.encode({expert = ARGV[1], version = version, uri = ARGV[5]}))
 redis.call('PUBLISH', KEYS[7], rev)
 return {'ok', cur + 1, rev}
 """
 
-# KEYS: rev, expert, desired, audit, channel, version-keys...
-# ARGV: name, expected_rev, who, versions (json list)
+# KEYS: rev, expert, desired, audit, channel, rollouts, version-keys...
+# ARGV: name, expected_rev, who, versions (json list), rollout ('' = leave as is)
 _RETIRE = """
 local cur = tonumber(redis.call('HGET', KEYS[2], 'rev') or '0')
 if cur ~= tonumber(ARGV[2]) then return {'conflict', cur} end
-for i = 6, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then return {'missing', i - 5} end
+for i = 7, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return {'missing', i - 6} end
 end
 local rev = redis.call('INCR', KEYS[1])
-for i = 6, #KEYS do redis.call('HSET', KEYS[i], 'state', 'retired') end
+for i = 7, #KEYS do redis.call('HSET', KEYS[i], 'state', 'retired') end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[6], ARGV[1], ARGV[5]) end
 local desired = redis.call('HGET', KEYS[3], ARGV[1])
 for _, v in ipairs(cjson.decode(ARGV[4])) do
   if desired and tonumber(desired) == v then redis.call('HDEL', KEYS[3], ARGV[1]) end
@@ -69,6 +74,25 @@ redis.call('HSET', KEYS[2], 'rev', cur + 1)
 redis.call('XADD', KEYS[4], '*', 'who', ARGV[3], 'what', 'retire', 'rev', rev,
            'detail', cjson.encode({expert = ARGV[1], versions = cjson.decode(ARGV[4])}))
 redis.call('PUBLISH', KEYS[5], rev)
+return {'ok', cur + 1, rev}
+"""
+
+# One change to an expert that is not a push or a retire: a rollout starting, advancing,
+# finishing or rolling back. KEYS: rev, expert, desired, rollouts, audit, channel, version-keys...
+# ARGV: name, expected_rev, who, what, detail, rollout ('' = leave), serving ('' = leave,
+#       '0' = none, N = version N), new states of the version keys (JSON list, same order)
+_UPDATE = """
+local cur = tonumber(redis.call('HGET', KEYS[2], 'rev') or '0')
+if cur ~= tonumber(ARGV[2]) then return {'conflict', cur} end
+local rev = redis.call('INCR', KEYS[1])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[4], ARGV[1], ARGV[6]) end
+if ARGV[7] == '0' then redis.call('HDEL', KEYS[3], ARGV[1])
+elseif ARGV[7] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[7]) end
+local states = cjson.decode(ARGV[8])
+for i = 7, #KEYS do redis.call('HSET', KEYS[i], 'state', states[i - 6]) end
+redis.call('HSET', KEYS[2], 'rev', cur + 1)
+redis.call('XADD', KEYS[5], '*', 'who', ARGV[3], 'what', ARGV[4], 'rev', rev, 'detail', ARGV[5])
+redis.call('PUBLISH', KEYS[6], rev)
 return {'ok', cur + 1, rev}
 """
 
@@ -83,32 +107,6 @@ redis.call('XADD', KEYS[3], '*', 'who', ARGV[3], 'what', 'set_rules', 'rev', rev
 redis.call('PUBLISH', KEYS[4], rev)
 return {'ok', cur + 1, rev}
 """
-
-
-class RegistryError(Exception):
-    code = "INTERNAL"
-
-
-class RevisionConflict(RegistryError):
-    """Someone changed it since you read it. `current` is the revision to re-read and retry from."""
-
-    code = "ABORTED"
-
-    def __init__(self, what: str, expected: int, current: int):
-        self.what, self.expected, self.current = what, expected, current
-        super().__init__(f"{what} changed concurrently: you sent revision {expected}, current is {current}; "
-                         "re-read and retry")
-
-    def __reduce__(self):
-        return RevisionConflict, (self.what, self.expected, self.current)
-
-
-class StaleVersion(RegistryError):
-    code = "FAILED_PRECONDITION"
-
-
-class UnknownExpert(RegistryError):
-    code = "NOT_FOUND"
 
 
 @dataclass(frozen=True)
@@ -135,8 +133,10 @@ class DesiredState:
     """What every replica should serve, as of global revision `rev`."""
 
     rev: int
-    experts: dict[str, int]
+    experts: dict[str, int]  # name -> serving version
     rules_rev: int
+    rules: dict[str, Any] | None = None
+    rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> rollout record
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,7 @@ class RegistryStore:
         self._push = client.register_script(_PUSH)
         self._retire = client.register_script(_RETIRE)
         self._set_rules = client.register_script(_SET_RULES)
+        self._update = client.register_script(_UPDATE)
 
     @classmethod
     def from_url(cls, url: str) -> RegistryStore:
@@ -176,28 +177,48 @@ class RegistryStore:
     # ---- writes (atomic, compare-and-set) ------------------------------------------------
 
     def push_version(self, name: str, version: int, manifest: dict[str, Any], uri: str, *,
-                     expected_rev: int, who: str, make_desired: bool = True) -> int:
-        """Register `name@version` (and by default make it the desired version). Returns the
-        expert's new revision. Raises RevisionConflict or StaleVersion; writes nothing then."""
+                     expected_rev: int, who: str, make_desired: bool = True,
+                     rollout: dict[str, Any] | None = None) -> int:
+        """Register `name@version` and either make it the serving version at once
+        (make_desired) or record `rollout` to bring it in. Returns the expert's new revision.
+        Raises RevisionConflict or StaleVersion; writes nothing then."""
         result = self._push(
             keys=[PREFIX + "rev", PREFIX + "experts", self._expert(name), self._version(name, version),
-                  PREFIX + "desired", PREFIX + "audit", CHANNEL],
+                  PREFIX + "desired", PREFIX + "audit", CHANNEL, PREFIX + "rollouts"],
             args=[name, version, expected_rev, json.dumps(manifest, sort_keys=True), uri, who,
-                  "1" if make_desired else "0"],
+                  "1" if make_desired else "0", "" if rollout is None else json.dumps(rollout, sort_keys=True)],
         )
         return self._outcome(result, f"expert {name!r}", expected_rev, version)
 
-    def retire(self, name: str, versions: list[int], *, expected_rev: int, who: str) -> int:
-        """Mark versions retired and drop them from the desired state, in one step."""
+    def retire(self, name: str, versions: list[int], *, expected_rev: int, who: str,
+               rollout: dict[str, Any] | None = None) -> int:
+        """Mark versions retired and drop them from the desired state, in one step (and, if
+        given, record `rollout`: the one that was bringing a retired version in, now ended)."""
         if not versions:
             raise ValueError("name at least one version to retire")
         result = self._retire(
             keys=[PREFIX + "rev", self._expert(name), PREFIX + "desired", PREFIX + "audit", CHANNEL,
-                  *[self._version(name, v) for v in versions]],
-            args=[name, expected_rev, who, json.dumps(versions)],
+                  PREFIX + "rollouts", *[self._version(name, v) for v in versions]],
+            args=[name, expected_rev, who, json.dumps(versions),
+                  "" if rollout is None else json.dumps(rollout, sort_keys=True)],
         )
         if result[0] == "missing":
             raise UnknownExpert(f"expert {name!r} has no version {versions[int(result[1]) - 1]}")
+        return self._outcome(result, f"expert {name!r}", expected_rev)
+
+    def update_expert(self, name: str, *, expected_rev: int, who: str, what: str, detail: dict[str, Any],
+                      rollout: dict[str, Any] | None = None, serving: int | None = None,
+                      version_states: dict[int, str] | None = None) -> int:
+        """One atomic, revision-guarded change to an expert's rollout, serving version
+        (`serving=0` = none) and version states, audited as `what`."""
+        states = sorted((version_states or {}).items())
+        result = self._update(
+            keys=[PREFIX + "rev", self._expert(name), PREFIX + "desired", PREFIX + "rollouts", PREFIX + "audit",
+                  CHANNEL, *[self._version(name, v) for v, _ in states]],
+            args=[name, expected_rev, who, what, json.dumps({"expert": name, **detail}, sort_keys=True),
+                  "" if rollout is None else json.dumps(rollout, sort_keys=True),
+                  "" if serving is None else str(serving), json.dumps([st for _, st in states])],
+        )
         return self._outcome(result, f"expert {name!r}", expected_rev)
 
     def set_rules(self, table: dict[str, Any], *, expected_rev: int, who: str) -> int:
@@ -231,6 +252,17 @@ class RegistryStore:
                                   int(row["registered_rev"])) for v, row in enumerate(rows, 1) if row]
         return ExpertRecord(name, int(head["rev"]), latest, None if desired is None else int(desired), versions)
 
+    def version(self, name: str, version: int) -> VersionRecord:
+        row = self.r.hgetall(self._version(name, version))
+        if not row:
+            raise UnknownExpert(f"expert {name!r} has no version {version}")
+        return VersionRecord(name, version, row["uri"], row["state"], json.loads(row["manifest"]),
+                             int(row["registered_rev"]))
+
+    def rollout(self, name: str) -> dict[str, Any] | None:
+        raw = self.r.hget(PREFIX + "rollouts", name)
+        return None if raw is None else json.loads(raw)
+
     def expert_rev(self, name: str) -> int:
         return int(self.r.hget(self._expert(name), "rev") or 0)
 
@@ -242,9 +274,22 @@ class RegistryStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.get(PREFIX + "rev")
         pipe.hgetall(PREFIX + "desired")
-        pipe.hget(PREFIX + "rules", "rev")
-        rev, desired, rules_rev = pipe.execute()
-        return DesiredState(int(rev or 0), {k: int(v) for k, v in desired.items()}, int(rules_rev or 0))
+        pipe.hmget(PREFIX + "rules", "rev", "table")
+        pipe.hgetall(PREFIX + "rollouts")
+        rev, desired, (rules_rev, table), rollouts = pipe.execute()
+        return DesiredState(int(rev or 0), {k: int(v) for k, v in desired.items()}, int(rules_rev or 0),
+                            None if table is None else json.loads(table),
+                            {k: json.loads(v) for k, v in rollouts.items()})
+
+    def uris(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """Artifact URIs of registered versions (immutable once registered, so no snapshot needed)."""
+        pipe = self.r.pipeline(transaction=False)
+        for name, version in keys:
+            pipe.hget(self._version(name, version), "uri")
+        return {k: u for k, u in zip(keys, pipe.execute()) if u is not None}
+
+    def ping(self) -> bool:
+        return bool(self.r.ping())
 
     def rules(self) -> tuple[int, dict[str, Any] | None]:
         rev, table = self.r.hmget(PREFIX + "rules", "rev", "table")

@@ -45,6 +45,26 @@ class RouterConfig(BaseModel):
     rules_check_interval_s: float = Field(1.0, gt=0, description="How often the rules file is checked for changes.")
 
 
+class RegistryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    artifact_store: str = Field("~/.cache/ccoe/artifacts",
+                                description="fsspec URI where the registry keeps every registered version.")
+    heartbeat_ttl_s: float = Field(3.0, gt=0, description="A replica that has not reported for this long is gone.")
+    report_interval_s: float = Field(0.5, gt=0, description="How often a replica reports its state.")
+    controller_interval_s: float = Field(0.1, gt=0, description="How often the registry advances rollouts.")
+    resync_s: float = Field(5.0, gt=0, description="Watchers get the full state at least this often.")
+    retire_grace_s: float = Field(0.5, ge=0, description="A replica frees a version this long after it "
+                                                          "stopped being served (lets routers catch up).")
+    smoke_prompt: str = Field("1+1=", min_length=1, description="Prompt of the smoke generation after each load.")
+    smoke_tokens: int = Field(2, ge=1, le=64, description="Tokens the smoke generation must produce.")
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _expand_home(cls, v: str) -> str:
+        return os.path.expanduser(v)
+
+
 class TelemetryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -70,6 +90,7 @@ class AppConfig(BaseModel):
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     grpc_port: int = Field(9000, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy (local stack).")
     redis_url: str | None = Field(None, description="Registry Redis; none = the local stack starts its own.")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 
 from ccoe_common.registry.redis_server import RedisServer, free_port
@@ -27,6 +28,7 @@ class LocalStack:
         self.redis: RedisServer | None = None
         self.redis_url = config.redis_url
         self.metrics_port = free_port()
+        self._artifacts: tempfile.TemporaryDirectory | None = None
 
     @property
     def address(self) -> str:
@@ -60,7 +62,13 @@ class LocalStack:
             http_options={"host": "127.0.0.1", "port": free_port()},
             grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
         )
-        serve.run(build_app(self.config), name=APP_NAME, route_prefix="/")
+        config = self.config.model_copy(update={"redis_url": self.redis_url})
+        if self.redis is not None and "artifact_store" not in config.registry.model_fields_set:
+            # A Redis of our own starts empty; so does the artifact store that goes with it.
+            self._artifacts = tempfile.TemporaryDirectory(prefix="ccoe-artifacts-")
+            registry = config.registry.model_copy(update={"artifact_store": self._artifacts.name})
+            config = config.model_copy(update={"registry": registry})
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         log.info("stack up in %.1fs; gRPC at %s", time.monotonic() - started, self.address)
         return self
 
@@ -82,6 +90,9 @@ class LocalStack:
             if self.redis is not None:
                 self.redis.stop()
                 self.redis = None
+            if self._artifacts is not None:
+                self._artifacts.cleanup()
+                self._artifacts = None
 
     def __enter__(self) -> LocalStack:
         try:

@@ -24,7 +24,8 @@ _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "
 
 
 class ReplicaRuntime:
-    def __init__(self, config: AppConfig):
+    def __init__(self, config: AppConfig, *, load_config_experts: bool = True):
+        """load_config_experts=False when the registry decides what this replica holds."""
         self.config = config
         rc = config.replica
         device = rc.device or ("cuda" if rc.num_gpus > 0 else "cpu")
@@ -34,7 +35,7 @@ class ReplicaRuntime:
         sys.setswitchinterval(0.0005)
         model = CCoEModel.from_pretrained(config.backbone, dtype=_DTYPES[rc.dtype], device=device,
                                           budget_fraction=rc.budget_fraction)
-        for uri in config.experts:
+        for uri in config.experts if load_config_experts else ():
             log.info("loading expert %s", model.push(uri))
         self.engine = Engine(model, rc.engine).start()
         self.metrics = Metrics()
@@ -87,6 +88,15 @@ class ReplicaRuntime:
         key = str(self.engine.push(uri))
         self.update_gauges()
         return key
+
+    def validate(self, uri: str) -> str | None:
+        """Load and check an artifact against this backbone without serving it: None if it
+        would load, else the reason (checksum, fingerprint, shapes, budget...)."""
+        try:
+            self.engine.model.load(uri)
+        except Exception as e:  # noqa: BLE001 - every refusal is reported by message
+            return f"{type(e).__name__}: {e}"
+        return None
 
     def pop(self, name: str, version: int | None = None, wait: float | None = None) -> list[str]:
         keys = [str(k) for k in self.engine.pop(name, version, wait=wait)]

@@ -16,15 +16,17 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
 from ccoe_common.engine.errors import EngineError
 from ccoe_common.engine.params import GenerationRequest
 from ccoe_common.experts.artifact import read_manifest
+from ccoe_common.experts.errors import ExpertError
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.pb import inference_pb2 as pb
+from ccoe_common.registry.errors import RegistryError
 from ccoe_common.routing.resolve import Route, decide
 from ccoe_common.routing.rules import RuleTable, RuleTableError
 from ccoe_common.serving.config import AppConfig
@@ -67,6 +69,14 @@ class RouterCore:
         self.table = initial_rules(config, self.known_experts)
         self._rules_mtime = self._mtime()
         self._next_check = 0.0
+        # expert -> the version the fleet serves, from the registry's desired state; None until
+        # a registry view arrives (then bare names are resolved by the replica itself).
+        self.serving: dict[str, int] | None = None
+        self.registry_rules_rev = 0
+        self._view_changed = asyncio.Event()
+        # Fetches the registry's current view (set by the Router deployment): a name this
+        # router does not know yet may have finished rolling out a moment ago.
+        self.refresh_view: Callable[[], Awaitable[None]] | None = None
         tracing.setup_tracing(config.telemetry)
         self.metrics = Metrics()
 
@@ -94,13 +104,45 @@ class RouterCore:
             log.error("rules file %s changed but was refused, keeping table v%d: %s",
                       self.config.rules, self.table.version, e)
 
+    def apply_desired(self, serving: dict[str, int], rules_rev: int, rules: dict | None) -> None:
+        """Take the registry's view: serving versions, and its rule table once it has one
+        (it then replaces the configured table; a table the registry accepted is valid)."""
+        self.serving = dict(serving)
+        if rules is not None and rules_rev != self.registry_rules_rev:
+            try:
+                self.set_rules(RuleTable.from_dict(rules))
+                self.registry_rules_rev = rules_rev
+            except RuleTableError as e:
+                log.error("registry rule table r%d refused, keeping v%d: %s", rules_rev, self.table.version, e)
+        self._view_changed.set()
+        self._view_changed = asyncio.Event()
+
+    def resolve(self, name: str, version: int | None) -> int | None:
+        """The version a request for `name` runs on: the one asked for, else the serving one."""
+        if version is not None or self.serving is None:
+            return version
+        if name not in self.serving:
+            raise ServingError("NOT_FOUND", f"expert {name!r} is not served: it is not registered, was popped, "
+                                            f"or its first version is still rolling out; serving: "
+                                            f"{sorted(self.serving) or 'none'}")
+        return self.serving[name]
+
     def set_rules(self, table: RuleTable) -> None:
         self.table = table
         log.info("rule table v%d in force (%d rules)", table.version, len(table.spec.rules))
 
     # ---- requests ------------------------------------------------------------------------
 
-    def _plan(self, req: pb.GenerateRequest) -> tuple[Route, list[GenerationRequest]]:
+    async def _plan_fresh(self, req: pb.GenerateRequest) -> tuple[Route, list[GenerationRequest], list[bool]]:
+        try:
+            return self._plan(req)
+        except ServingError as e:
+            if e.code != "NOT_FOUND" or self.refresh_view is None:
+                raise
+        await self.refresh_view()
+        return self._plan(req)
+
+    def _plan(self, req: pb.GenerateRequest) -> tuple[Route, list[GenerationRequest], list[bool]]:
         self.maybe_reload_rules()
         with tracing.span("router.route") as s:
             query, base = parse_request(req, self.config.router)
@@ -111,29 +153,71 @@ class RouterCore:
             raise ServingError("FAILED_PRECONDITION", f"rule {route.rule_id!r} consults {len(route.experts)} experts; "
                                                       f"the limit is {self.config.router.max_fanout}")
         if not route.experts:
-            return route, [base]
+            return route, [base], [False]
         requests = []
-        for name, version in route.experts:
+        for name, asked in route.experts:
+            version = self.resolve(name, asked)
             expert = name if version is None else ExpertKey(name, version)
             rid = base.request_id if len(route.experts) == 1 else f"{base.request_id}/{name}"
             requests.append(dataclasses.replace(base, expert=expert, request_id=rid))
-        return route, requests
+        return route, requests, [asked is None and version is not None for _, asked in route.experts]
 
-    async def _merged(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Event]]:
+    async def _one(self, request: GenerationRequest, carrier: dict[str, str],
+                   pinned_by_router: bool) -> AsyncIterator[Event]:
+        """One request's events. If the router chose the version and the replica no longer
+        holds it (a rollout finished a moment ago and this router's view lags), nothing has
+        been streamed yet: wait briefly for the newer view and run it once more on that."""
+        for attempt in (0, 1):
+            stream = self.client.stream(request, carrier)
+            retry = None
+            try:
+                async for event in stream:
+                    if (attempt == 0 and pinned_by_router and event["kind"] == "error"
+                            and event["code"] == "NOT_FOUND"):
+                        retry = await self._newer_version(request)
+                        if retry is not None:
+                            break
+                    yield event
+            finally:
+                await stream.aclose()  # a caller that went away cancels the replica's request now
+            if retry is None:
+                return
+            log.info("request %s: %s was retired meanwhile, running it on %s", request.request_id,
+                     request.expert, retry.expert)
+            request = retry
+
+    async def _newer_version(self, request: GenerationRequest, wait_s: float = 2.0) -> GenerationRequest | None:
+        key = request.expert
+        if not isinstance(key, ExpertKey) or self.serving is None:
+            return None
+        deadline = time.monotonic() + wait_s
+        while self.serving.get(key.name) == key.version and time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(self._view_changed.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+        newer = self.serving.get(key.name)
+        if newer is None or newer == key.version:
+            return None
+        return dataclasses.replace(request, expert=ExpertKey(key.name, newer))
+
+    async def _merged(self, requests: list[GenerationRequest],
+                      pinned: list[bool] | None = None) -> AsyncIterator[tuple[int, Event]]:
         """Events of all requests as they come, tagged with the request's index."""
         carrier = tracing.inject()
+        pinned = pinned or [False] * len(requests)
         if len(requests) == 1:
-            stream = self.client.stream(requests[0], carrier)
+            stream = self._one(requests[0], carrier, pinned[0])
             try:
                 async for event in stream:
                     yield 0, event
             finally:
-                await stream.aclose()  # a caller that went away cancels the replica's request now
+                await stream.aclose()
             return
         queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
 
         async def pump(i: int, r: GenerationRequest) -> None:
-            stream = self.client.stream(r, carrier)
+            stream = self._one(r, carrier, pinned[i])
             try:
                 async for event in stream:
                     await queue.put((i, event))
@@ -186,11 +270,11 @@ class RouterCore:
                                metadata: dict[str, str]) -> AsyncIterator[pb.GenerateStreamResponse]:
         start = time.monotonic()
         with tracing.span("router.GenerateStream", tracing.extract(metadata)):
-            route, requests = self._plan(req)
+            route, requests, pinned = await self._plan_fresh(req)
             names = [n for n, _ in route.experts] or [""]
             versions: dict[str, int] = {}
             first = True
-            async for i, event in self._merged(requests):
+            async for i, event in self._merged(requests, pinned):
                 if event["kind"] == "error":
                     raise ServingError.from_event(event)
                 expert = event["expert"]
@@ -211,10 +295,10 @@ class RouterCore:
     async def _generate(self, req: pb.GenerateRequest, metadata: dict[str, str]) -> pb.GenerateResponse:
         start = time.monotonic()
         with tracing.span("router.Generate", tracing.extract(metadata)):
-            route, requests = self._plan(req)
+            route, requests, pinned = await self._plan_fresh(req)
             parts: list[dict] = [{"text": [], "ids": [], "lps": [], "last": None} for _ in requests]
             versions: dict[str, int] = {}
-            async for i, event in self._merged(requests):
+            async for i, event in self._merged(requests, pinned):
                 if event["kind"] == "error":
                     raise ServingError.from_event(event)
                 p = parts[i]
@@ -250,6 +334,13 @@ def _timings(t: list[float | None], router_start: float) -> pb.Timings:
 
 def status_of(error: BaseException) -> ServingError:
     """Any exception as the ServingError a caller should see (unknown ones are INTERNAL)."""
+    cause = getattr(error, "cause", None)  # Ray's RayTaskError wraps what a deployment raised
+    if isinstance(cause, BaseException) and cause is not error:
+        return status_of(cause)
+    if isinstance(error, RegistryError):
+        return ServingError(error.code, str(error), error.retryable)
+    if isinstance(error, ExpertError):
+        return ServingError("INVALID_ARGUMENT", str(error))
     if isinstance(error, EngineError):
         return ServingError.from_engine(error)
     if isinstance(error, RuleTableError):

@@ -1,10 +1,16 @@
-"""Router: the public ccoe.v1.Inference service behind Ray Serve's gRPC proxy, plus the
-standard grpc.health.v1 Health service. Glue only: routing lives in
-ccoe_common.serving.router_core."""
+"""Router: the app's gRPC ingress. Serves ccoe.v1.Inference and grpc.health.v1 Health, and
+forwards ccoe.v1.Registry calls to the Registry deployment (Ray Serve's proxy sends every call
+of an app to its one ingress). Glue only: routing lives in ccoe_common.serving.router_core,
+the control plane in ccoe_common.registry.service.
+
+The router follows the registry's desired state (serving versions, rule table) and applies
+the full state before its constructor returns, so it never routes on a guess."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,10 +20,17 @@ from ray.serve.handle import DeploymentHandle
 
 from ccoe_common.engine.params import GenerationRequest
 from ccoe_common.pb import inference_pb2 as pb
+from ccoe_common.pb import registry_pb2 as rpb
+from ccoe_common.registry.artifact_store import ArtifactStore
+from ccoe_common.registry.service import receive_upload
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.events import Event
 from ccoe_common.serving.grpc_status import apply_error, metadata_of
 from ccoe_common.serving.router_core import RouterCore
+
+
+log = logging.getLogger(__name__)
+FIRST_SYNC_TIMEOUT_S = 300.0
 
 
 class HandleReplicaClient:
@@ -37,9 +50,43 @@ class HandleReplicaClient:
 
 @serve.deployment(graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.2)
 class Router:
-    def __init__(self, replica: DeploymentHandle, config: dict[str, Any]):
+    async def __init__(self, replica: DeploymentHandle, registry: DeploymentHandle, config: dict[str, Any]):
         self.replica = replica
-        self.core = RouterCore(AppConfig.load(config), HandleReplicaClient(replica))
+        self.registry = registry
+        cfg = AppConfig.load(config)
+        self.core = RouterCore(cfg, HandleReplicaClient(replica))
+        self.artifacts = ArtifactStore(cfg.registry.artifact_store)
+        self.core.refresh_view = self._refresh
+        stream = self._watch()
+        self._apply(await asyncio.wait_for(anext(stream), FIRST_SYNC_TIMEOUT_S))
+        self._follow_task = asyncio.create_task(self._follow(stream))
+
+    async def _watch(self) -> AsyncIterator[rpb.DesiredState]:
+        stream = self.registry.options(stream=True).WatchDesiredState.remote(rpb.WatchDesiredStateRequest())
+        try:
+            async for message in stream:
+                yield message
+        finally:
+            stream.cancel()
+
+    def _apply(self, msg: rpb.DesiredState) -> None:
+        self.core.apply_desired(dict(msg.serving), msg.rules_revision,
+                                json.loads(msg.rules_json) if msg.rules_json else None)
+
+    async def _refresh(self) -> None:
+        self._apply(await self.registry.current_state.remote(""))
+
+    async def _follow(self, stream: AsyncIterator[rpb.DesiredState]) -> None:
+        while True:
+            try:
+                async for msg in stream:
+                    self._apply(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the registry restarts: keep the last view, reconnect
+                log.warning("desired-state stream broke (%s); reconnecting", e)
+            await asyncio.sleep(0.5)
+            stream = self._watch()
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
@@ -59,6 +106,71 @@ class Router:
             apply_error(grpc_context, e)
             raise
 
+    # ---- ccoe.v1.Registry, forwarded -------------------------------------------------------
+
+    async def _control(self, method: str, request, grpc_context, empty):
+        try:
+            return await getattr(self.registry, method).remote(request)
+        except Exception as e:  # noqa: BLE001 - the gRPC edge
+            apply_error(grpc_context, e)
+            return empty
+
+    async def PushExpert(self, request: rpb.PushExpertRequest, grpc_context=None) -> rpb.PushExpertResponse:
+        return await self._control("PushExpert", request, grpc_context, rpb.PushExpertResponse())
+
+    async def UploadArtifact(self, chunks: AsyncIterator[rpb.ArtifactChunk],
+                             grpc_context=None) -> rpb.UploadArtifactResponse:
+        # Bytes go straight into the shared artifact store: a stream cannot cross a handle.
+        try:
+            return await receive_upload(self.artifacts, chunks)
+        except Exception as e:  # noqa: BLE001 - the gRPC edge
+            apply_error(grpc_context, e)
+            return rpb.UploadArtifactResponse()
+
+    async def PopExpert(self, request: rpb.PopExpertRequest, grpc_context=None) -> rpb.PopExpertResponse:
+        return await self._control("PopExpert", request, grpc_context, rpb.PopExpertResponse())
+
+    async def ListExperts(self, request: rpb.ListExpertsRequest, grpc_context=None) -> rpb.ListExpertsResponse:
+        return await self._control("ListExperts", request, grpc_context, rpb.ListExpertsResponse())
+
+    async def GetExpert(self, request: rpb.GetExpertRequest, grpc_context=None) -> rpb.ExpertInfo:
+        return await self._control("GetExpert", request, grpc_context, rpb.ExpertInfo())
+
+    async def GetRules(self, request: rpb.GetRulesRequest, grpc_context=None) -> rpb.RulesResponse:
+        return await self._control("GetRules", request, grpc_context, rpb.RulesResponse())
+
+    async def SetRules(self, request: rpb.SetRulesRequest, grpc_context=None) -> rpb.RulesResponse:
+        return await self._control("SetRules", request, grpc_context, rpb.RulesResponse())
+
+    async def StartRollout(self, request: rpb.StartRolloutRequest, grpc_context=None) -> rpb.Rollout:
+        return await self._control("StartRollout", request, grpc_context, rpb.Rollout())
+
+    async def GetRollout(self, request: rpb.GetRolloutRequest, grpc_context=None) -> rpb.Rollout:
+        return await self._control("GetRollout", request, grpc_context, rpb.Rollout())
+
+    async def Rollback(self, request: rpb.RollbackRequest, grpc_context=None) -> rpb.Rollout:
+        return await self._control("Rollback", request, grpc_context, rpb.Rollout())
+
+    async def ReportReplicaState(self, request: rpb.ReplicaState, grpc_context=None) -> rpb.ReportReplicaStateResponse:
+        return await self._control("ReportReplicaState", request, grpc_context, rpb.ReportReplicaStateResponse())
+
+    async def ListAudit(self, request: rpb.ListAuditRequest, grpc_context=None) -> rpb.ListAuditResponse:
+        return await self._control("ListAudit", request, grpc_context, rpb.ListAuditResponse())
+
+    async def WatchDesiredState(self, request: rpb.WatchDesiredStateRequest,
+                                grpc_context=None) -> AsyncIterator[rpb.DesiredState]:
+        stream = self.registry.options(stream=True).WatchDesiredState.remote(request)
+        try:
+            async for message in stream:
+                yield message
+        except Exception as e:  # noqa: BLE001 - the gRPC edge
+            apply_error(grpc_context, e)
+            raise
+        finally:
+            stream.cancel()
+
+    # ---- grpc.health.v1 ---------------------------------------------------------------------
+
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=await self._status(request.service))
 
@@ -73,7 +185,7 @@ class Router:
             await asyncio.sleep(1.0)
 
     async def _status(self, service: str) -> int:
-        if service not in ("", "ccoe.v1.Inference"):
+        if service not in ("", "ccoe.v1.Inference", "ccoe.v1.Registry"):
             return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         try:
             await asyncio.wait_for(self.replica.expert_names.remote(), timeout=5)

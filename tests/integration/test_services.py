@@ -18,7 +18,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
 from ccoe_common.pb import inference_pb2 as pb
-from ccoe_common.pb import inference_pb2_grpc
+from ccoe_common.pb import inference_pb2_grpc, registry_pb2_grpc
+from ccoe_common.pb import registry_pb2 as rpb
 from ccoe_common.registry.redis_server import free_port
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
@@ -171,7 +172,7 @@ def test_unknown_expert_is_not_found(stub):
         with pytest.raises(grpc.RpcError) as err:
             call(pb.GenerateRequest(prompt="x", expert=pb.ExpertRef(name="medical")), timeout=60)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "expert medical is not served here; resident experts: ['math@1', 'sql@1']" in err.value.details()
+        assert "expert 'medical' is not served" in err.value.details() and "serving: ['math', 'sql']" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(pb.GenerateRequest(prompt="x", expert=pb.ExpertRef(name="math", version=7)), timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -265,14 +266,18 @@ def test_health_and_reflection(channel):
     assert "ccoe.v1.Inference" in services and "grpc.health.v1.Health" in services
 
 
-def test_live_push_and_pop_on_the_replica(stack, stub):
-    from ray import serve
-
-    replica = serve.get_deployment_handle("ModelReplica", app_name="ccoe")
-    assert replica.push.remote(stack.law_uri).result() == "law@1"
+def test_live_push_and_pop_through_the_registry(stack, stub, channel):
+    registry = registry_pb2_grpc.RegistryStub(channel)
+    pushed = registry.PushExpert(rpb.PushExpertRequest(uri=stack.law_uri, who="test"), timeout=60)
+    assert (pushed.expert.name, pushed.expert.version, pushed.rollout.to_version) == ("law", 1, 1)
+    deadline = time.monotonic() + 30
+    while registry.GetRollout(rpb.GetRolloutRequest(expert="law"), timeout=10).state != "done":
+        assert time.monotonic() < deadline, "the rollout of law@1 did not finish in 30 s"
+        time.sleep(0.1)
     r = stub.Generate(greedy("The court held", 3, expert=pb.ExpertRef(name="law")), timeout=60)
     assert [(e.name, e.version) for e in r.route.experts] == [("law", 1)]
-    assert replica.pop.remote("law", None, 30.0).result() == ["law@1"]
+    popped = registry.PopExpert(rpb.PopExpertRequest(name="law", who="test", wait_ms=30_000), timeout=60)
+    assert [(e.name, e.version) for e in popped.retired] == [("law", 1)] and popped.drained
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(greedy("The court held", 3, expert=pb.ExpertRef(name="law")), timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,465 @@
+"""The registry's logic behind its gRPC API, independent of Ray: requests in, messages out.
+
+Redis (RegistryStore) is the only state; this object holds none that matters, so a registry
+process can die and restart at any time. Checks happen before anything is written: an
+artifact is copied into the artifact store (sha256 checked), then validated against the
+backbone by a replica that loads it *without* adding it to its live set (`validate`), and only
+then registered. A rollout is then driven by `tick()` (rollout.py decides, the store applies
+with compare-and-set) until every live replica holds the version and the serving version flips.
+
+    service = RegistryService(store, artifacts, validate, config.registry)
+    await service.push(pb.PushExpertRequest(uri="file:///exports/math/v2"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis
+import yaml
+
+from ccoe_common.experts.errors import ArtifactNotFound, ExpertError
+from ccoe_common.pb import inference_pb2 as ipb
+from ccoe_common.pb import registry_pb2 as pb
+from ccoe_common.registry import rollout as ro
+from ccoe_common.registry.artifact_store import ArtifactConflict, ArtifactStore
+from ccoe_common.registry.errors import (
+    ArtifactRefused,
+    BadRequest,
+    NothingToRollBack,
+    RegistryError,
+    RevisionConflict,
+    RolloutInProgress,
+    StoreUnavailable,
+    UnknownExpert,
+)
+from ccoe_common.registry.store import DesiredState, RegistryStore
+from ccoe_common.routing.rules import RuleTable, RuleTableError
+from ccoe_common.serving.config import RegistryConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Validator = Callable[[str], Awaitable[None]]  # raises ArtifactRefused naming the problem
+_STRATEGIES = {pb.ROLLOUT_STRATEGY_UNSPECIFIED: "all_at_once", pb.ALL_AT_ONCE: "all_at_once", pb.CANARY: "canary"}
+_STRATEGY_PB = {"all_at_once": pb.ALL_AT_ONCE, "canary": pb.CANARY}
+_CAS_RETRIES = 5  # internal retries when the caller did not pin a revision
+
+
+def policy_from_pb(p: pb.RolloutPolicy) -> ro.RolloutPolicy:
+    try:
+        return ro.RolloutPolicy(strategy=_STRATEGIES.get(p.strategy, "?"), canary_replicas=p.canary_replicas or 1,
+                                max_unavailable=p.max_unavailable or 1, canary_wait_s=p.canary_wait_ms / 1000)
+    except ValueError as e:
+        raise BadRequest(f"rollout policy: {e}") from e
+
+
+def rollout_to_pb(r: dict[str, Any] | None, live: dict[str, ro.ReplicaView]) -> pb.Rollout:
+    if r is None:
+        return pb.Rollout()
+    p = r["policy"]
+    return pb.Rollout(
+        id=r["id"], expert=r["expert"], from_version=r["from_version"], to_version=r["to_version"],
+        policy=pb.RolloutPolicy(strategy=_STRATEGY_PB[p["strategy"]], canary_replicas=p["canary_replicas"],
+                                max_unavailable=p["max_unavailable"], canary_wait_ms=int(p["canary_wait_s"] * 1000)),
+        state=r["state"], reason=r["reason"], started_at=r["started_at"], finished_at=r["finished_at"] or 0.0,
+        replicas=[pb.ReplicaRolloutStatus(replica_id=rid, state=st, detail=d)
+                  for rid, st, d in ro.replica_statuses(r, live)])
+
+
+async def receive_upload(artifacts: ArtifactStore,
+                         chunks: AsyncIterator[pb.ArtifactChunk]) -> pb.UploadArtifactResponse:
+    """Land an artifact streamed in chunks in the artifact store (checked there, sha256
+    included); nothing is registered. Any failure removes what was staged."""
+    upload = None
+    try:
+        async for chunk in chunks:
+            if upload is None:
+                if not chunk.expert or chunk.version < 1:
+                    raise BadRequest("the first chunk must name the expert and its version (>= 1)")
+                try:
+                    upload = artifacts.begin_upload(chunk.expert, chunk.version)
+                except ValueError as e:
+                    raise BadRequest(str(e)) from e
+            try:
+                await asyncio.to_thread(upload.write, chunk.file, chunk.data)
+            except ValueError as e:
+                raise BadRequest(str(e)) from e
+        if upload is None:
+            raise BadRequest("the upload sent no chunks")
+        try:
+            stored = await asyncio.to_thread(upload.finish)
+        except (ExpertError, ArtifactConflict) as e:
+            raise ArtifactRefused(str(e)) from e
+    except BaseException:
+        if upload is not None:
+            upload.abort()
+        raise
+    return pb.UploadArtifactResponse(uri=stored.uri, bytes=stored.bytes, weights_sha256=stored.weights_sha256)
+
+
+class RegistryService:
+    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, validate: Validator, config: RegistryConfig):
+        self.store = store
+        self.artifacts = artifacts
+        self.validate = validate
+        self.config = config
+        self._snapshot: DesiredState | None = None
+        self._changed = asyncio.Condition()
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking store call off the event loop; an unreachable Redis is UNAVAILABLE."""
+        try:
+            return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnavailable(f"the registry's Redis is unreachable ({e}); nothing was changed, retry") from e
+
+    async def _live(self) -> dict[str, ro.ReplicaView]:
+        reports = await self._io(self.store.replicas)
+        return {rid: ro.ReplicaView.from_report(rep) for rid, rep in reports.items() if rep.get("healthy", True)}
+
+    async def _with_cas(self, expected: int | None, name: str, attempt: Callable[[int], T]) -> T:
+        """Run `attempt(rev)`: with the caller's revision once; without one, re-read and retry a
+        few times, since the controller moving a rollout also bumps the revision."""
+        if expected is not None:
+            return await self._io(attempt, expected)
+        for i in range(_CAS_RETRIES):
+            rev = await self._io(self.store.expert_rev, name)
+            try:
+                return await self._io(attempt, rev)
+            except RevisionConflict:
+                if i == _CAS_RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.01 * (i + 1))
+        raise AssertionError("unreachable")
+
+    # ---- experts ---------------------------------------------------------------------------
+
+    async def push(self, req: pb.PushExpertRequest) -> pb.PushExpertResponse:
+        if not req.uri:
+            raise BadRequest("uri: give the artifact folder to push (an fsspec URI with manifest.json "
+                             "and weights.safetensors)")
+        policy = policy_from_pb(req.rollout)
+        try:
+            stored = await asyncio.to_thread(self.artifacts.put, req.uri)
+        except ArtifactNotFound as e:
+            raise ArtifactRefused(str(e)) from e
+        except ExpertError as e:
+            raise ArtifactRefused(str(e)) from e
+        except ArtifactConflict as e:
+            raise ArtifactRefused(str(e)) from e
+        await self.validate(stored.uri)
+        name, version = stored.name, stored.version
+        expected = req.expected_revision if req.HasField("expected_revision") else None
+        who = req.who or "unknown"
+
+        def attempt(rev: int) -> tuple[int, dict[str, Any] | None]:
+            current = self.store.rollout(name)
+            if ro.is_active(current):
+                raise RolloutInProgress(f"expert {name!r} is rolling out version {current['to_version']} "
+                                        f"(rollout {current['id']}); wait for it or roll it back first")
+            if req.register_only:
+                return self.store.push_version(name, version, stored.manifest.model_dump(mode="json"), stored.uri,
+                                               expected_rev=rev, who=who, make_desired=False), None
+            serving = self.store.desired_state().experts.get(name, 0)
+            record = ro.new_rollout(name, serving, version, policy)
+            return self.store.push_version(name, version, stored.manifest.model_dump(mode="json"), stored.uri,
+                                           expected_rev=rev, who=who, make_desired=False, rollout=record), record
+
+        rev, record = await self._with_cas(expected, name, attempt)
+        log.info("registered %s@%d (revision %d) from %s", name, version, rev, req.uri)
+        return pb.PushExpertResponse(expert=ipb.ExpertRef(name=name, version=version), revision=rev,
+                                     stored_uri=stored.uri, rollout=rollout_to_pb(record, await self._live()))
+
+    async def pop(self, req: pb.PopExpertRequest) -> pb.PopExpertResponse:
+        record = await self._io(self.store.expert, req.name)
+        live_versions = [v.version for v in record.versions if v.state != "retired"]
+        versions = [req.version] if req.version else live_versions
+        if req.version and req.version not in [v.version for v in record.versions]:
+            raise UnknownExpert(f"expert {req.name!r} has no version {req.version}; "
+                                f"registered: {[v.version for v in record.versions]}")
+        if not versions:
+            raise UnknownExpert(f"expert {req.name!r} has no version left to pop (all are retired)")
+        exported = ""
+        if req.export_to:
+            source = next(v for v in reversed(record.versions) if v.version == max(versions))
+            stored = await asyncio.to_thread(self.artifacts.export, source.uri, req.export_to)
+            exported = stored.uri
+
+        def attempt(rev: int) -> int:
+            current = self.store.rollout(req.name)
+            ended = None
+            if ro.is_active(current) and int(current["to_version"]) in versions:
+                ended = ro.abort(current, f"version {current['to_version']} was popped", time.time())
+            return self.store.retire(req.name, versions, expected_rev=rev, who=req.who or "unknown", rollout=ended)
+
+        expected = req.expected_revision if req.HasField("expected_revision") else None
+        rev = await self._with_cas(expected, req.name, attempt)
+        drained = False
+        if req.wait_ms:
+            drained = await self._wait_until_gone(req.name, set(versions), req.wait_ms / 1000)
+        return pb.PopExpertResponse(retired=[ipb.ExpertRef(name=req.name, version=v) for v in versions],
+                                    revision=rev, exported_to=exported, drained=drained)
+
+    async def _wait_until_gone(self, name: str, versions: set[int], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            live = await self._live()
+            if not any((name, v) in view.loaded for view in live.values() for v in versions):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def get(self, name: str) -> pb.ExpertInfo:
+        record = await self._io(self.store.expert, name)
+        rollout = await self._io(self.store.rollout, name)
+        return self._info(record, rollout, await self._live())
+
+    async def list(self) -> pb.ListExpertsResponse:
+        state = await self._io(self.store.desired_state)
+        live = await self._live()
+        infos = []
+        for name in await self._io(self.store.names):
+            try:
+                record = await self._io(self.store.expert, name)
+            except UnknownExpert:  # removed between the two reads
+                continue
+            infos.append(self._info(record, state.rollouts.get(name), live))
+        return pb.ListExpertsResponse(revision=state.rev, experts=infos)
+
+    @staticmethod
+    def _info(record, rollout: dict[str, Any] | None, live: dict[str, ro.ReplicaView]) -> pb.ExpertInfo:
+        return pb.ExpertInfo(
+            name=record.name, revision=record.rev, latest=record.latest, serving=record.desired or 0,
+            rollout=rollout_to_pb(rollout, live),
+            versions=[pb.VersionInfo(version=v.version, uri=v.uri, state=v.state,
+                                     manifest_json=json.dumps(v.manifest, sort_keys=True),
+                                     registered_revision=v.registered_rev,
+                                     loaded_on=sorted(rid for rid, view in live.items()
+                                                      if (record.name, v.version) in view.loaded))
+                      for v in record.versions])
+
+    # ---- rules -----------------------------------------------------------------------------
+
+    async def get_rules(self) -> pb.RulesResponse:
+        rev, table = await self._io(self.store.rules)
+        return pb.RulesResponse(revision=rev, table_json="" if table is None else json.dumps(table, sort_keys=True))
+
+    async def set_rules(self, req: pb.SetRulesRequest) -> pb.RulesResponse:
+        try:
+            table = yaml.safe_load(req.table)
+        except yaml.YAMLError as e:
+            raise BadRequest(f"table: not valid YAML or JSON ({e})") from e
+        if not isinstance(table, dict):
+            raise BadRequest(f"table: expected a mapping with a `rules` list, got {type(table).__name__}")
+        known = set(await self._io(self.store.names))
+        try:
+            RuleTable.from_dict(table, known)
+        except RuleTableError as e:
+            raise BadRequest(str(e)) from e
+        expected = req.expected_revision if req.HasField("expected_revision") else None
+        if expected is None:
+            expected, _ = await self._io(self.store.rules)
+        rev = await self._io(self.store.set_rules, table, expected_rev=expected, who=req.who or "unknown")
+        return pb.RulesResponse(revision=rev, table_json=json.dumps(table, sort_keys=True))
+
+    # ---- rollouts --------------------------------------------------------------------------
+
+    async def start_rollout(self, req: pb.StartRolloutRequest) -> pb.Rollout:
+        policy = policy_from_pb(req.policy)
+        version = await self._io(self.store.version, req.expert, req.version)
+        if version.state == "retired":
+            raise BadRequest(f"{req.expert}@{req.version} is retired; push it again as a new version")
+
+        def attempt(rev: int) -> dict[str, Any]:
+            current = self.store.rollout(req.expert)
+            if ro.is_active(current):
+                raise RolloutInProgress(f"expert {req.expert!r} is already rolling out version "
+                                        f"{current['to_version']} (rollout {current['id']})")
+            serving = self.store.desired_state().experts.get(req.expert, 0)
+            if serving == req.version:
+                raise BadRequest(f"{req.expert}@{req.version} is already the serving version")
+            record = ro.new_rollout(req.expert, serving, req.version, policy)
+            self.store.update_expert(req.expert, expected_rev=rev, who=req.who or "unknown", what="rollout_start",
+                                     detail={"to_version": req.version, "from_version": serving},
+                                     rollout=record, version_states={req.version: "active"})
+            return record
+
+        expected = req.expected_revision if req.HasField("expected_revision") else None
+        record = await self._with_cas(expected, req.expert, attempt)
+        return rollout_to_pb(record, await self._live())
+
+    async def get_rollout(self, expert: str) -> pb.Rollout:
+        record = await self._io(self.store.rollout, expert)
+        if record is None:
+            await self._io(self.store.expert, expert)  # NOT_FOUND for an unknown expert
+            raise NothingToRollBack(f"expert {expert!r} has had no rollout yet")
+        return rollout_to_pb(record, await self._live())
+
+    async def rollback(self, req: pb.RollbackRequest) -> pb.Rollout:
+        """Abort a rollout in progress; or roll the last finished one back to its from_version."""
+        who = req.who or "unknown"
+        reason = req.reason or f"manual rollback by {who}"
+
+        def attempt(rev: int) -> dict[str, Any]:
+            current = self.store.rollout(req.expert)
+            if current is None:
+                self.store.expert(req.expert)
+                raise NothingToRollBack(f"expert {req.expert!r} has had no rollout to roll back")
+            now = time.time()
+            if ro.is_active(current):
+                record = ro.abort(current, reason, now)
+                self.store.update_expert(req.expert, expected_rev=rev, who=who, what="rollout_rolled_back",
+                                         detail={"version": current["to_version"], "reason": reason}, rollout=record,
+                                         version_states={int(current["to_version"]): "rolled_back"})
+                return record
+            back_to = int(current["from_version"])
+            if current["state"] != "done" or back_to == 0:
+                raise NothingToRollBack(f"expert {req.expert!r}: the last rollout ({current['state']}) left no "
+                                        "earlier version to go back to; pop the expert instead")
+            if self.store.version(req.expert, back_to).state == "retired":
+                raise NothingToRollBack(f"{req.expert}@{back_to} was retired; push it again as a new version")
+            record = ro.new_rollout(req.expert, int(current["to_version"]), back_to,
+                                    ro.RolloutPolicy(**current["policy"]), now)
+            self.store.update_expert(req.expert, expected_rev=rev, who=who, what="rollback",
+                                     detail={"from_version": current["to_version"], "to_version": back_to,
+                                             "reason": reason},
+                                     rollout=record, version_states={int(current["to_version"]): "rolled_back",
+                                                                     back_to: "active"})
+            return record
+
+        record = await self._with_cas(None, req.expert, attempt)
+        return rollout_to_pb(record, await self._live())
+
+    async def tick(self) -> int:
+        """Advance every active rollout one step; returns how many changed."""
+        state = await self._io(self.store.desired_state)
+        active = [name for name, r in state.rollouts.items() if ro.is_active(r)]
+        if not active:
+            return 0
+        live = await self._live()
+        changed = 0
+        for name in active:
+            rev = await self._io(self.store.expert_rev, name)
+            current = await self._io(self.store.rollout, name)  # read after the revision: CAS covers it
+            step = ro.advance(current, live, time.time()) if current else None
+            if step is None:
+                continue
+            r = step.rollout
+            detail = {"rollout": r["id"], "to_version": r["to_version"], "state": r["state"],
+                      "assigned": r["assigned"]}
+            if r["reason"]:
+                detail["reason"] = r["reason"]
+            try:
+                await self._io(self.store.update_expert, name, expected_rev=rev, who="registry", what=step.what,
+                               detail=detail, rollout=r, serving=step.serving,
+                               version_states=({step.failed_version: "failed"} if step.failed_version else None))
+                changed += 1
+                if step.what in ("rollout_done", "rollout_rolled_back"):
+                    log.info("rollout %s of %s@%s: %s %s", r["id"], name, r["to_version"], r["state"], r["reason"])
+            except RevisionConflict:
+                pass  # someone else changed the expert meanwhile: next tick re-reads
+        return changed
+
+    # ---- replicas --------------------------------------------------------------------------
+
+    async def report(self, state: pb.ReplicaState) -> pb.ReportReplicaStateResponse:
+        if not state.replica_id:
+            raise BadRequest("replica_id: a report must name its replica")
+        body = {"loaded": [[v.name, v.version] for v in state.loaded],
+                "failures": [{"name": f.name, "version": f.version, "reason": f.reason} for f in state.failures],
+                "healthy": state.healthy, "memory_bytes": state.memory_bytes,
+                "seen_revision": state.seen_revision, "running": state.running, "at": time.time()}
+        await self._io(self.store.heartbeat, state.replica_id, body, self.config.heartbeat_ttl_s)
+        snapshot = self._snapshot
+        return pb.ReportReplicaStateResponse(revision=snapshot.rev if snapshot else 0)
+
+    async def desired_for(self, replica_id: str, state: DesiredState) -> pb.DesiredState:
+        msg = pb.DesiredState(revision=state.rev, serving=state.experts, rules_revision=state.rules_rev,
+                              rules_json="" if state.rules is None else json.dumps(state.rules, sort_keys=True))
+        if replica_id:
+            want = sorted(ro.versions_to_hold(state.experts, state.rollouts, replica_id))
+            uris = await self._io(self.store.uris, want)
+            msg.load.extend(pb.DesiredVersion(name=n, version=v, uri=uris[(n, v)]) for n, v in want if (n, v) in uris)
+        return msg
+
+    async def current(self, replica_id: str) -> pb.DesiredState:
+        """The desired state read from Redis now, not the followed snapshot."""
+        return await self.desired_for(replica_id, await self._io(self.store.desired_state))
+
+    async def follow(self) -> None:
+        """Keep `_snapshot` current and wake watchers on each change (runs for the process's life).
+        Polling one counter is cheap, and unlike a subscription it survives a Redis restart."""
+        last_rev, last_sync = None, 0.0
+        while True:
+            try:
+                rev = int(await asyncio.to_thread(self.store.r.get, "ccoe:rev") or 0)
+                now = time.monotonic()
+                if rev != last_rev or now - last_sync > self.config.resync_s:
+                    self._snapshot = await asyncio.to_thread(self.store.desired_state)
+                    last_rev, last_sync = rev, now
+                    async with self._changed:
+                        self._changed.notify_all()
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning("registry Redis unreachable, retrying: %s", e)
+                await asyncio.sleep(0.5)
+            except Exception:  # noqa: BLE001 - keep following whatever one read did
+                log.exception("reading the desired state failed")
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(0.05)
+
+    async def watch(self, replica_id: str) -> AsyncIterator[pb.DesiredState]:
+        """The full desired state for this watcher at once, then again whenever it changes
+        (and at least every resync_s, so a watcher never trusts a stale picture for long)."""
+        if self._snapshot is None:
+            self._snapshot = await self._io(self.store.desired_state)
+        last, last_sent = None, 0.0
+        while True:
+            snapshot = self._snapshot
+            msg = await self.desired_for(replica_id, snapshot)
+            body = msg.SerializeToString(deterministic=True)
+            if body != last or time.monotonic() - last_sent > self.config.resync_s:
+                yield msg
+                last, last_sent = body, time.monotonic()
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=self.config.resync_s)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def audit(self, limit: int) -> pb.ListAuditResponse:
+        entries = await self._io(self.store.audit, limit or 50)
+        return pb.ListAuditResponse(entries=[
+            pb.AuditEntry(id=e.id, at=e.at_ms / 1000, who=e.who, what=e.what, revision=e.rev,
+                          detail_json=json.dumps(e.detail, sort_keys=True)) for e in entries])
+
+    # ---- config experts ----------------------------------------------------------------------
+
+    async def seed(self, uris: tuple[str, ...]) -> list[str]:
+        """Register the experts the app config names, serving at once (no replica runs yet).
+        Versions already registered are left alone, so a restart changes nothing."""
+        seeded = []
+        for uri in uris:
+            stored = await asyncio.to_thread(self.artifacts.put, uri)
+            try:
+                current = await self._io(self.store.expert, stored.name)
+                if current.latest >= stored.version:
+                    continue
+                rev = current.rev
+            except UnknownExpert:
+                rev = 0
+            try:
+                await self._io(self.store.push_version, stored.name, stored.version,
+                               stored.manifest.model_dump(mode="json"), stored.uri, expected_rev=rev,
+                               who="config", make_desired=True)
+                seeded.append(f"{stored.name}@{stored.version}")
+            except RegistryError as e:  # another registry replica seeded it first
+                log.info("not seeding %s@%d: %s", stored.name, stored.version, e)
+        return seeded
