@@ -161,6 +161,15 @@ class ArtifactStore:
             if self._fs.exists(staging):
                 self._fs.rm(staging, recursive=True)
 
+    def discard(self, name: str, version: int) -> bool:
+        """Remove a stored version the registry never registered (a refused or lost push), so
+        the same name@version can be pushed again with other weights. True if one was there."""
+        dest = _fs(self.uri_for(name, version))[1]
+        if not self._fs.exists(dest):
+            return False
+        self._fs.rm(dest, recursive=True)
+        return True
+
     def begin_upload(self, name: str, version: int) -> Upload:
         return Upload(self, name, version)
 

@@ -49,6 +49,7 @@ class RedisServer:
         self.port = port or free_port()
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="ccoe-redis-")
         self.data_dir = Path(data_dir or self._tmp.name)
+        self.data_dir.mkdir(parents=True, exist_ok=True)  # redis-server exits silently without it
         self.persist = persist
         self.proc: subprocess.Popen | None = None
 

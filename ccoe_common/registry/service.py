@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import redis
 import yaml
 
-from ccoe_common.experts.errors import ArtifactNotFound, ExpertError
+from ccoe_common.experts.artifact import read_manifest
+from ccoe_common.experts.errors import ExpertError
 from ccoe_common.pb import inference_pb2 as ipb
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry import rollout as ro
@@ -147,15 +148,10 @@ class RegistryService:
             raise BadRequest("uri: give the artifact folder to push (an fsspec URI with manifest.json "
                              "and weights.safetensors)")
         policy = policy_from_pb(req.rollout)
-        try:
-            stored = await asyncio.to_thread(self.artifacts.put, req.uri)
-        except ArtifactNotFound as e:
-            raise ArtifactRefused(str(e)) from e
-        except ExpertError as e:
-            raise ArtifactRefused(str(e)) from e
-        except ArtifactConflict as e:
-            raise ArtifactRefused(str(e)) from e
-        await self.validate(stored.uri)
+        # Validate the source first (a replica loads it without serving it), so a refused
+        # artifact never occupies a name@version in the store.
+        await self.validate(req.uri)
+        stored = await self._store_copy(req.uri)
         name, version = stored.name, stored.version
         expected = req.expected_revision if req.HasField("expected_revision") else None
         who = req.who or "unknown"
@@ -177,6 +173,23 @@ class RegistryService:
         log.info("registered %s@%d (revision %d) from %s", name, version, rev, req.uri)
         return pb.PushExpertResponse(expert=ipb.ExpertRef(name=name, version=version), revision=rev,
                                      stored_uri=stored.uri, rollout=rollout_to_pb(record, await self._live()))
+
+    async def _store_copy(self, uri: str):
+        """Copy into the artifact store (sha256 checked). A different copy of the same
+        name@version left by a push that was never registered is replaced; a registered one never is."""
+        try:
+            try:
+                return await asyncio.to_thread(self.artifacts.put, uri)
+            except ArtifactConflict:
+                manifest = await asyncio.to_thread(read_manifest, uri)
+                try:
+                    await self._io(self.store.version, manifest.name, manifest.version)
+                    raise
+                except UnknownExpert:
+                    await asyncio.to_thread(self.artifacts.discard, manifest.name, manifest.version)
+                return await asyncio.to_thread(self.artifacts.put, uri)
+        except (ExpertError, ArtifactConflict) as e:
+            raise ArtifactRefused(str(e)) from e
 
     async def pop(self, req: pb.PopExpertRequest) -> pb.PopExpertResponse:
         record = await self._io(self.store.expert, req.name)
