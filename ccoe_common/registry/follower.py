@@ -24,6 +24,7 @@ from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.serving.config import RegistryConfig
+from ccoe_common.telemetry import tracing
 
 log = logging.getLogger(__name__)
 Watch = Callable[[str], AsyncIterator[pb.DesiredState]]
@@ -71,6 +72,7 @@ class ReplicaFollower:
 
     async def apply(self, msg: pb.DesiredState) -> None:
         want = {ExpertKey(d.name, d.version): d.uri for d in msg.load}
+        traces = {ExpertKey(d.name, d.version): d.traceparent for d in msg.load if d.traceparent}
         self._want = want
         # A failure is remembered while the version is wanted (no retry loop on a bad
         # artifact); once it is no longer wanted, a later rollout of it gets a fresh try.
@@ -78,11 +80,15 @@ class ReplicaFollower:
         for key, uri in sorted(want.items()):
             if key in self.held() or key in self.failures:
                 continue
-            try:
-                await self.load(key, uri)
-            except Exception as e:  # noqa: BLE001 - any failure is reported, never fatal
-                self.failures[key] = f"{type(e).__name__}: {e}"
-                log.warning("could not load %s from %s: %s", key, uri, e)
+            parent = tracing.extract({"traceparent": traces[key]}) if key in traces else None
+            with tracing.span("replica.load_expert", parent, expert=str(key), uri=uri,
+                              replica_id=self.replica_id) as span:
+                try:
+                    await self.load(key, uri)
+                except Exception as e:  # noqa: BLE001 - any failure is reported, never fatal
+                    self.failures[key] = f"{type(e).__name__}: {e}"
+                    span.set_attribute("error", self.failures[key])
+                    log.warning("could not load %s from %s: %s", key, uri, e)
         self.seen_revision = msg.revision
         self._retire_unwanted()
         await self.report()

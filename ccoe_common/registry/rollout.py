@@ -70,8 +70,9 @@ class Step:
 
 
 def new_rollout(expert: str, from_version: int, to_version: int, policy: RolloutPolicy,
-                now: float | None = None) -> dict[str, Any]:
-    return {"id": uuid.uuid4().hex[:12], "expert": expert, "from_version": from_version,
+                now: float | None = None, trace: dict[str, str] | None = None) -> dict[str, Any]:
+    """`trace`: the W3C trace context of the push, so every replica's load joins its trace."""
+    return {"id": uuid.uuid4().hex[:12], "expert": expert, "from_version": from_version, "trace": trace or {},
             "to_version": to_version, "policy": policy.as_dict(),
             "state": "canary" if policy.strategy == "canary" else "rolling", "reason": "", "assigned": [],
             "started_at": time.time() if now is None else now, "canary_ready_at": None, "finished_at": None}
@@ -156,3 +157,9 @@ def versions_to_hold(serving: dict[str, int], rollouts: dict[str, dict[str, Any]
         if is_active(r) and replica_id in r["assigned"]:
             want.add((name, int(r["to_version"])))
     return want
+
+
+def trace_of(rollouts: dict[str, dict[str, Any]], name: str, version: int) -> dict[str, str]:
+    """The trace context of the rollout bringing name@version in (empty if none)."""
+    r = rollouts.get(name)
+    return dict(r.get("trace") or {}) if r is not None and int(r["to_version"]) == version else {}

@@ -43,6 +43,7 @@ from ccoe_common.registry.errors import (
 from ccoe_common.registry.store import DesiredState, RegistryStore
 from ccoe_common.routing.rules import RuleTable, RuleTableError
 from ccoe_common.serving.config import RegistryConfig
+from ccoe_common.telemetry import tracing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -144,6 +145,14 @@ class RegistryService:
     # ---- experts ---------------------------------------------------------------------------
 
     async def push(self, req: pb.PushExpertRequest) -> pb.PushExpertResponse:
+        # One trace per rollout: this span's context travels in the rollout record to every
+        # replica, whose load and smoke test become its children.
+        with tracing.span("registry.push", uri=req.uri, who=req.who or "unknown") as span:
+            response = await self._push(req)
+            span.set_attribute("expert", f"{response.expert.name}@{response.expert.version}")
+            return response
+
+    async def _push(self, req: pb.PushExpertRequest) -> pb.PushExpertResponse:
         if not req.uri:
             raise BadRequest("uri: give the artifact folder to push (an fsspec URI with manifest.json "
                              "and weights.safetensors)")
@@ -165,7 +174,7 @@ class RegistryService:
                 return self.store.push_version(name, version, stored.manifest.model_dump(mode="json"), stored.uri,
                                                expected_rev=rev, who=who, make_desired=False), None
             serving = self.store.desired_state().experts.get(name, 0)
-            record = ro.new_rollout(name, serving, version, policy)
+            record = ro.new_rollout(name, serving, version, policy, trace=tracing.inject())
             return self.store.push_version(name, version, stored.manifest.model_dump(mode="json"), stored.uri,
                                            expected_rev=rev, who=who, make_desired=False, rollout=record), record
 
@@ -299,7 +308,7 @@ class RegistryService:
             serving = self.store.desired_state().experts.get(req.expert, 0)
             if serving == req.version:
                 raise BadRequest(f"{req.expert}@{req.version} is already the serving version")
-            record = ro.new_rollout(req.expert, serving, req.version, policy)
+            record = ro.new_rollout(req.expert, serving, req.version, policy, trace=tracing.inject())
             self.store.update_expert(req.expert, expected_rev=rev, who=req.who or "unknown", what="rollout_start",
                                      detail={"to_version": req.version, "from_version": serving},
                                      rollout=record, version_states={req.version: "active"})
@@ -400,7 +409,9 @@ class RegistryService:
         if replica_id:
             want = sorted(ro.versions_to_hold(state.experts, state.rollouts, replica_id))
             uris = await self._io(self.store.uris, want)
-            msg.load.extend(pb.DesiredVersion(name=n, version=v, uri=uris[(n, v)]) for n, v in want if (n, v) in uris)
+            msg.load.extend(pb.DesiredVersion(name=n, version=v, uri=uris[(n, v)],
+                                              traceparent=ro.trace_of(state.rollouts, n, v).get("traceparent", ""))
+                            for n, v in want if (n, v) in uris)
         return msg
 
     async def current(self, replica_id: str) -> pb.DesiredState:

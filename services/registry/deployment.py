@@ -22,6 +22,7 @@ from ccoe_common.registry.errors import ArtifactRefused, NoReplicaToValidate
 from ccoe_common.registry.service import RegistryService
 from ccoe_common.registry.store import RegistryStore
 from ccoe_common.serving.config import AppConfig
+from ccoe_common.telemetry import tracing
 
 log = logging.getLogger(__name__)
 VALIDATE_TIMEOUT_S = 120.0
@@ -36,6 +37,7 @@ class Registry:
         client = redis.Redis.from_url(self.config.redis_url, decode_responses=True, socket_timeout=2.0,
                                       socket_connect_timeout=2.0, retry_on_timeout=True)
         self.app_name = serve.get_replica_context().app_name
+        tracing.setup_tracing(self.config.telemetry)
         self.service = RegistryService(RegistryStore(client), ArtifactStore(self.config.registry.artifact_store),
                                        self._validate, self.config.registry)
         seeded = await self.service.seed(self.config.experts)

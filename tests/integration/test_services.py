@@ -276,11 +276,26 @@ def test_live_push_and_pop_through_the_registry(stack, stub, channel):
         time.sleep(0.1)
     r = stub.Generate(greedy("The court held", 3, expert=pb.ExpertRef(name="law")), timeout=60)
     assert [(e.name, e.version) for e in r.route.experts] == [("law", 1)]
+    # One trace per rollout: each replica's load of law@1 is a child of the registry's push.
+    spans = wait_for_spans(stack.trace_dir, {"registry.push", "replica.load_expert"},
+                           lambda s: s["attributes"].get("expert") == "law@1")
+    assert spans["replica.load_expert"]["trace_id"] == spans["registry.push"]["trace_id"]
+    assert spans["replica.load_expert"]["parent_id"] == spans["registry.push"]["span_id"]
     popped = registry.PopExpert(rpb.PopExpertRequest(name="law", who="test", wait_ms=30_000), timeout=60)
     assert [(e.name, e.version) for e in popped.retired] == [("law", 1)] and popped.drained
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(greedy("The court held", 3, expert=pb.ExpertRef(name="law")), timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def wait_for_spans(trace_dir: Path, names: set[str], keep, timeout_s: float = 10) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout_s
+    found: dict[str, dict] = {}
+    while time.monotonic() < deadline and set(found) != names:
+        found = {s["name"]: s for f in Path(trace_dir).glob("*.jsonl") for line in f.read_text().splitlines()
+                 if (s := json.loads(line))["name"] in names and keep(s)}
+        time.sleep(0.2)
+    return found
 
 
 def test_trace_context_flows_router_to_replica(stack, stub):
