@@ -113,6 +113,7 @@ class RegistryService:
         self.config = config
         self._snapshot: DesiredState | None = None
         self._changed = asyncio.Condition()
+        self._poke = asyncio.Event()  # set after our own writes: re-read at once, not at the next poll
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -131,11 +132,15 @@ class RegistryService:
         """Run `attempt(rev)`: with the caller's revision once; without one, re-read and retry a
         few times, since the controller moving a rollout also bumps the revision."""
         if expected is not None:
-            return await self._io(attempt, expected)
+            result = await self._io(attempt, expected)
+            self._poke.set()
+            return result
         for i in range(_CAS_RETRIES):
             rev = await self._io(self.store.expert_rev, name)
             try:
-                return await self._io(attempt, rev)
+                result = await self._io(attempt, rev)
+                self._poke.set()
+                return result
             except RevisionConflict:
                 if i == _CAS_RETRIES - 1:
                     raise
@@ -290,6 +295,7 @@ class RegistryService:
         if expected is None:
             expected, _ = await self._io(self.store.rules)
         rev = await self._io(self.store.set_rules, table, expected_rev=expected, who=req.who or "unknown")
+        self._poke.set()
         return pb.RulesResponse(revision=rev, table_json=json.dumps(table, sort_keys=True))
 
     # ---- rollouts --------------------------------------------------------------------------
@@ -384,6 +390,7 @@ class RegistryService:
                                detail=detail, rollout=r, serving=step.serving,
                                version_states=({step.failed_version: "failed"} if step.failed_version else None))
                 changed += 1
+                self._poke.set()
                 if step.what in ("rollout_done", "rollout_rolled_back"):
                     log.info("rollout %s of %s@%s: %s %s", r["id"], name, r["to_version"], r["state"], r["reason"])
             except RevisionConflict:
@@ -437,7 +444,11 @@ class RegistryService:
             except Exception:  # noqa: BLE001 - keep following whatever one read did
                 log.exception("reading the desired state failed")
                 await asyncio.sleep(0.5)
-            await asyncio.sleep(0.05)
+            try:
+                await asyncio.wait_for(self._poke.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
+            self._poke.clear()
 
     async def watch(self, replica_id: str) -> AsyncIterator[pb.DesiredState]:
         """The full desired state for this watcher at once, then again whenever it changes

@@ -85,6 +85,10 @@ def math_version(model: CCoEModel, work: Path, version: int, *, nan: bool = Fals
     return uri
 
 
+def loaded_on(registry: RegistryClient, name: str, version: int) -> list[str]:
+    return next(list(v.loaded_on) for v in registry.get(name).versions if v.version == version)
+
+
 def serving(registry: RegistryClient, name: str) -> int:
     return next((e.serving for e in registry.list().experts if e.name == name), 0)
 
@@ -259,8 +263,10 @@ def test_manual_rollback_returns_the_fleet_to_the_previous_version(registry, stu
     assert serving(registry, "math") == last.from_version
     versions = {v.version: v.state for v in registry.get("math").versions}
     assert versions[current] == "rolled_back"
-    r = stub.Generate(pb.GenerateRequest(prompt="1+1", expert=pb.ExpertRef(name="math"), max_tokens=2), timeout=60)
-    assert r.route.experts[0].version == last.from_version
+    # Routers follow the flip within moments (they hold both versions meanwhile).
+    wait_for(lambda: stub.Generate(pb.GenerateRequest(prompt="1+1", expert=pb.ExpertRef(name="math"), max_tokens=2),
+                                   timeout=60).route.experts[0].version == last.from_version,
+             10, "requests resolve to the version rolled back to")
 
 
 def _replica_actors() -> list[str]:
@@ -284,7 +290,7 @@ def test_a_replica_killed_mid_rollout_the_rest_completes_and_a_replacement_conve
     done = registry.wait_rollout("math", pushed.rollout.id, timeout_s=180)
     assert done.state == "done" and serving(registry, "math") == version
     # Ray Serve starts a replacement; it converges from the full desired state.
-    wait_for(lambda: len(registry.get("math").versions[version - 1].loaded_on) == 2, 180,
+    wait_for(lambda: len(loaded_on(registry, "math", version)) == 2, 180,
              "a replacement replica loads the serving version")
     assert victims[0] not in _replica_actors()
 
