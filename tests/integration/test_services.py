@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
+from ccoe_common.experts.artifact import read_artifact
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc, registry_pb2_grpc
 from ccoe_common.pb import registry_pb2 as rpb
@@ -281,8 +282,13 @@ def test_live_push_and_pop_through_the_registry(stack, stub, channel):
                            lambda s: s["attributes"].get("expert") == "law@1")
     assert spans["replica.load_expert"]["trace_id"] == spans["registry.push"]["trace_id"]
     assert spans["replica.load_expert"]["parent_id"] == spans["registry.push"]["span_id"]
-    popped = registry.PopExpert(rpb.PopExpertRequest(name="law", who="test", wait_ms=30_000), timeout=60)
+    export = str(stack.rules_path.parent / "exported-law")
+    popped = registry.PopExpert(rpb.PopExpertRequest(name="law", who="test", wait_ms=30_000, export_to=export),
+                                timeout=60)
     assert [(e.name, e.version) for e in popped.retired] == [("law", 1)] and popped.drained
+    copy = read_artifact(popped.exported_to)  # a deep copy that can be trained further and pushed back
+    assert copy.manifest.key == read_artifact(stack.law_uri).manifest.key
+    assert copy.manifest.weights_sha256 == read_artifact(stack.law_uri).manifest.weights_sha256
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(greedy("The court held", 3, expert=pb.ExpertRef(name="law")), timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
