@@ -25,6 +25,7 @@ from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.serving.config import RegistryConfig
 from ccoe_common.telemetry import tracing
+from ccoe_common.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 Watch = Callable[[str], AsyncIterator[pb.DesiredState]]
@@ -37,12 +38,14 @@ class SmokeTestFailed(RuntimeError):
 
 
 class ReplicaFollower:
-    def __init__(self, engine: Engine, replica_id: str, watch: Watch, report: Report, config: RegistryConfig):
+    def __init__(self, engine: Engine, replica_id: str, watch: Watch, report: Report, config: RegistryConfig,
+                 metrics: Metrics | None = None):
         self.engine = engine
         self.replica_id = replica_id
         self._watch = watch
         self._report = report
         self.config = config
+        self.metrics = metrics
         self.failures: dict[ExpertKey, str] = {}
         self.seen_revision = 0
         self._unwanted_since: dict[ExpertKey, float] = {}
@@ -83,12 +86,15 @@ class ReplicaFollower:
             parent = tracing.extract({"traceparent": traces[key]}) if key in traces else None
             with tracing.span("replica.load_expert", parent, expert=str(key), uri=uri,
                               replica_id=self.replica_id) as span:
+                started = time.monotonic()
                 try:
                     await self.load(key, uri)
                 except Exception as e:  # noqa: BLE001 - any failure is reported, never fatal
                     self.failures[key] = f"{type(e).__name__}: {e}"
                     span.set_attribute("error", self.failures[key])
                     log.warning("could not load %s from %s: %s", key, uri, e)
+                if self.metrics is not None:
+                    self.metrics.expert_loaded(str(key), key not in self.failures, time.monotonic() - started)
         self.seen_revision = msg.revision
         self._retire_unwanted()
         await self.report()

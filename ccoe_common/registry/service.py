@@ -44,6 +44,7 @@ from ccoe_common.registry.store import DesiredState, RegistryStore
 from ccoe_common.routing.rules import RuleTable, RuleTableError
 from ccoe_common.serving.config import RegistryConfig
 from ccoe_common.telemetry import tracing
+from ccoe_common.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,8 +107,10 @@ async def receive_upload(artifacts: ArtifactStore,
 
 
 class RegistryService:
-    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, validate: Validator, config: RegistryConfig):
+    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, validate: Validator, config: RegistryConfig,
+                 metrics: Metrics | None = None):
         self.store = store
+        self.metrics = metrics
         self.artifacts = artifacts
         self.validate = validate
         self.config = config
@@ -392,6 +395,8 @@ class RegistryService:
                 changed += 1
                 self._poke.set()
                 if step.what in ("rollout_done", "rollout_rolled_back"):
+                    if self.metrics is not None:
+                        self.metrics.rollout_finished(name, r["state"], r["finished_at"] - r["started_at"])
                     log.info("rollout %s of %s@%s: %s %s", r["id"], name, r["to_version"], r["state"], r["reason"])
             except RevisionConflict:
                 pass  # someone else changed the expert meanwhile: next tick re-reads

@@ -15,6 +15,10 @@ returns its text.
 | ccoe_running_sequences, ccoe_queue_depth | gauge | |
 | ccoe_resident_experts, ccoe_kv_cache_bytes | gauge | |
 | ccoe_resident_expert_bytes | gauge | expert |
+| ccoe_expert_loads_total | counter | expert (name@version), outcome (ok, failed); a replica loading for the registry |
+| ccoe_expert_load_seconds | histogram | expert; read + validate + smoke test |
+| ccoe_rollouts_total | counter | expert (name), outcome (done, rolled_back); from the registry |
+| ccoe_rollout_seconds | histogram | expert; start of a rollout to the fleet-wide flip |
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ _COUNTERS = {
     "ccoe_prompt_tokens_total": ("Prompt tokens of finished requests.", ("expert",)),
     "ccoe_generated_tokens_total": ("Generated tokens.", ("expert",)),
     "ccoe_router_requests_total": ("gRPC calls by route policy and status.", ("policy", "code")),
+    "ccoe_expert_loads_total": ("Expert versions a replica loaded for the registry, by outcome.", ("expert", "outcome")),
+    "ccoe_rollouts_total": ("Finished rollouts by outcome.", ("expert", "outcome")),
 }
 _HISTOGRAMS = {
     "ccoe_ttft_seconds": ("Time to first token, from the replica receiving the request.", ("expert",)),
     "ccoe_inter_token_latency_seconds": ("Time between consecutive tokens of a request.", ("expert",)),
+    "ccoe_expert_load_seconds": ("Reading, validating and smoke-testing one expert version.", ("expert",)),
+    "ccoe_rollout_seconds": ("From the start of a rollout to the fleet-wide flip.", ("expert",)),
 }
 _GAUGES = {
     "ccoe_running_sequences": ("Sequences in the running batch.", ()),
@@ -104,6 +112,16 @@ class Metrics:
         self._record("set", "ccoe_resident_experts", len(resident))
         for expert, nbytes in resident.items():
             self._record("set", "ccoe_resident_expert_bytes", nbytes, expert=expert)
+
+    def expert_loaded(self, expert: str, ok: bool, seconds: float) -> None:
+        self._record("inc", "ccoe_expert_loads_total", 1, expert=expert, outcome="ok" if ok else "failed")
+        if ok:
+            self._record("observe", "ccoe_expert_load_seconds", seconds, expert=expert)
+
+    def rollout_finished(self, expert: str, outcome: str, seconds: float) -> None:
+        self._record("inc", "ccoe_rollouts_total", 1, expert=expert, outcome=outcome)
+        if outcome == "done":
+            self._record("observe", "ccoe_rollout_seconds", seconds, expert=expert)
 
     def render(self) -> str:
         """Prometheus text of the in-process registry (prometheus backend only)."""

@@ -23,6 +23,7 @@ from ccoe_common.registry.service import RegistryService
 from ccoe_common.registry.store import RegistryStore
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.telemetry import tracing
+from ccoe_common.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 VALIDATE_TIMEOUT_S = 120.0
@@ -39,7 +40,7 @@ class Registry:
         self.app_name = serve.get_replica_context().app_name
         tracing.setup_tracing(self.config.telemetry)
         self.service = RegistryService(RegistryStore(client), ArtifactStore(self.config.registry.artifact_store),
-                                       self._validate, self.config.registry)
+                                       self._validate, self.config.registry, Metrics())
         seeded = await self.service.seed(self.config.experts)
         if seeded:
             log.info("registered config experts: %s", ", ".join(seeded))

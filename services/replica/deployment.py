@@ -33,7 +33,7 @@ class ModelReplica:
         self.replica_id = context.replica_id.unique_id
         self.registry = serve.get_deployment_handle("Registry", app_name=context.app_name)
         self.follower = ReplicaFollower(self.runtime.engine, self.replica_id, self._watch,
-                                        self.registry.ReportReplicaState.remote, cfg.registry)
+                                        self.registry.ReportReplicaState.remote, cfg.registry, self.runtime.metrics)
         await self.follower.sync_once(FIRST_SYNC_TIMEOUT_S)
         self._tasks = [asyncio.create_task(self.follower.run()), asyncio.create_task(self.follower.heartbeat())]
 

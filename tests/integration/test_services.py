@@ -335,9 +335,15 @@ def test_prometheus_metrics_from_the_ray_node(stack, stub):
         ours = [line for line in body.splitlines() if line.startswith("ray_ccoe_")]
         names = {line.split("{")[0].split(" ")[0] for line in ours}
         if {"ray_ccoe_requests_total", "ray_ccoe_generated_tokens_total", "ray_ccoe_ttft_seconds_bucket",
-                "ray_ccoe_router_requests_total", "ray_ccoe_resident_experts"} <= names:
+                "ray_ccoe_router_requests_total", "ray_ccoe_resident_experts", "ray_ccoe_rollouts_total",
+                "ray_ccoe_expert_loads_total"} <= names:
             break
         assert time.monotonic() < deadline, f"metrics not exported; have {sorted(names)}"
         time.sleep(1)
     assert any('expert="math@1"' in line and 'code="OK"' in line
                for line in ours if line.startswith("ray_ccoe_requests_total"))
+    # the live push of law@1 earlier in this module: loaded on the replica, rollout done
+    assert any('expert="law@1"' in line and 'outcome="ok"' in line
+               for line in ours if line.startswith("ray_ccoe_expert_loads_total"))
+    assert any('expert="law"' in line and 'outcome="done"' in line
+               for line in ours if line.startswith("ray_ccoe_rollouts_total"))
