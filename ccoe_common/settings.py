@@ -4,6 +4,7 @@ CCOE_CACHE_DIR   where demo models and other generated assets are cached (defaul
 CCOE_LOG_LEVEL   logging level for the ccoe command (default WARNING)
 CCOE_DEVICE      default torch device for commands that load a model (default: cuda if present, else cpu)
 CCOE_TRACE_DIR   also write finished trace spans as JSON lines into this folder (tests, debugging)
+CCOE_REGISTRY    gRPC address of the registry for the ops commands (default 127.0.0.1:9000)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Settings:
     log_level: str
     device: str
     trace_dir: Path | None
+    registry: str = "127.0.0.1:9000"
 
 
 def _default_device() -> str:
@@ -36,4 +38,5 @@ def load_settings() -> Settings:
         log_level=level,
         device=os.environ.get("CCOE_DEVICE") or _default_device(),
         trace_dir=Path(os.environ["CCOE_TRACE_DIR"]) if os.environ.get("CCOE_TRACE_DIR") else None,
+        registry=os.environ.get("CCOE_REGISTRY") or "127.0.0.1:9000",
     )

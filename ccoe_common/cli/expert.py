@@ -1,13 +1,16 @@
-"""`ccoe expert carve|inspect`: make and check expert artifacts locally.
+"""`ccoe expert carve|inspect`: make and check expert artifacts locally; and
+`ccoe expert push|pop|list|show` (in expert_registry.py): expert versions in the registry.
 
     ccoe expert carve --backbone ./bb --name math --kind ffn --placement GL:4 --out ./experts/math
     ccoe expert inspect ./experts/math --backbone ./bb
+    ccoe expert push ./experts/math --upload
 """
 
 from __future__ import annotations
 
 import argparse
 
+from ccoe_common.cli import expert_registry
 from ccoe_common.cli.common import add_json_flag, add_model_flags, format_table, human_bytes, print_json
 from ccoe_common.cli.loading import model_from_args
 from ccoe_common.experts.artifact import read_artifact
@@ -16,7 +19,7 @@ from ccoe_common.model.placement import Placement
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("expert", help="make and check expert artifacts")
+    parser = sub.add_parser("expert", help="make and check expert artifacts; push, pop, list them in the registry")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("carve", help="write a new (untrained) expert copied from the backbone")
@@ -40,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     add_json_flag(p)
     p.set_defaults(handler=inspect)
+
+    expert_registry.register_verbs(verbs)
 
 
 def carve(args: argparse.Namespace) -> int:

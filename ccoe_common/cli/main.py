@@ -8,12 +8,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ccoe_common.cli import bench, demo, expert, generate, rules, serve, train
+import grpc
+
+from ccoe_common.cli import audit, bench, demo, expert, generate, rollout, rules, serve, train
 from ccoe_common.cli.common import UserError
+from ccoe_common.cli.registry_ops import rpc_error_exit
 from ccoe_common.engine.errors import EngineError
 from ccoe_common.settings import load_settings
 
-COMMANDS = (demo, serve, generate, expert, rules, bench, train)
+COMMANDS = (demo, serve, generate, expert, rollout, rules, audit, bench, train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"ccoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except grpc.RpcError as e:
+        # The registry's answer (NOT_FOUND, INVALID_ARGUMENT, ABORTED...) already names what was
+        # wrong; the status code tells scripts whether to retry.
+        return rpc_error_exit(args, e)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def advance(rollout: dict[str, Any], live: dict[str, ReplicaView], now: float) -
         assigned += waiting[:max(0, min(policy.canary_replicas, len(live)) - len(assigned))]
         canary_ready = bool(assigned) and len(ready) == len(assigned)
         if canary_ready and r["canary_ready_at"] is None:
-            r["canary_ready_at"] = now
+            r["canary_ready_at"] = now  # stored, so a restarted registry does not restart the hold
+            what = "rollout_canary_ready"
         elif not canary_ready:
             r["canary_ready_at"] = None
         if canary_ready and now - r["canary_ready_at"] >= policy.canary_wait_s:
@@ -143,8 +144,10 @@ def replica_statuses(rollout: dict[str, Any], live: dict[str, ReplicaView]) -> l
             out.append((rid, "ready", ""))
         elif rid in rollout["assigned"]:
             out.append((rid, "loading", ""))
-        else:
-            out.append((rid, "waiting", "" if is_active(rollout) else rollout["state"]))
+        elif is_active(rollout):
+            out.append((rid, "waiting", ""))
+        else:  # finished: the version has since been replaced, rolled back or popped here
+            out.append((rid, "released", f"rollout {rollout['state']}; version no longer held"))
     return out
 
 

@@ -330,8 +330,8 @@ class RegistryService:
     async def get_rollout(self, expert: str) -> pb.Rollout:
         record = await self._io(self.store.rollout, expert)
         if record is None:
-            await self._io(self.store.expert, expert)  # NOT_FOUND for an unknown expert
-            raise NothingToRollBack(f"expert {expert!r} has had no rollout yet")
+            await self._io(self.store.expert, expert)  # NOT_FOUND naming an unknown expert
+            raise UnknownExpert(f"expert {expert!r} is registered but has had no rollout yet")
         return rollout_to_pb(record, await self._live())
 
     async def rollback(self, req: pb.RollbackRequest) -> pb.Rollout:

@@ -1,0 +1,247 @@
+"""What every registry-talking command shares: where the registry is, who is asking, how gRPC
+errors become one line and an exit code, the upload bar, and how a rollout is shown.
+
+    ccoe expert list --registry 10.0.0.5:9000
+    ccoe expert push ./exports/law --upload        # --who defaults to alice@laptop
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import socket
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+import grpc
+
+from ccoe_common.cli.common import format_table, human_bytes, positive_int
+from ccoe_common.pb import registry_pb2 as pb
+from ccoe_common.registry.client import RegistryClient, RolloutFailed, policy
+from ccoe_common.settings import load_settings
+
+DEFAULT_REGISTRY = "127.0.0.1:9000"  # also settings.Settings.registry's default
+# The registry answers these when it could not be reached or did not answer in time: the
+# request may succeed if retried, so they exit 1 (like a failed rollout), not 2 (a bad request).
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Each poll reads every replica's report from Redis; a person watching needs no more than this.
+POLL_S = 0.1
+STRATEGY_NAMES = {pb.ROLLOUT_STRATEGY_UNSPECIFIED: "all-at-once", pb.ALL_AT_ONCE: "all-at-once",
+                  pb.CANARY: "canary"}
+
+
+# ---- flags and the client ------------------------------------------------------------------
+
+def default_registry() -> str:
+    return load_settings().registry
+
+
+def default_who() -> str:
+    """For the audit log, e.g. "alice@laptop"."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name (some containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def add_registry_flags(parser: argparse.ArgumentParser, *, who: bool = False) -> None:
+    parser.add_argument("--registry", metavar="ADDRESS", default=None,
+                        help=f"the registry's gRPC address (default: $CCOE_REGISTRY, else {DEFAULT_REGISTRY})")
+    if who:
+        parser.add_argument("--who", default=None, help="name recorded in the audit log (default: $USER@hostname)")
+
+
+def add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy", choices=["all-at-once", "canary"], default="all-at-once",
+                        help="all-at-once: every replica loads at once; canary: a few first, then the rest "
+                             "(default all-at-once)")
+    parser.add_argument("--canary-replicas", type=positive_int, default=1, metavar="N",
+                        help="canary: replicas that load first (default 1)")
+    parser.add_argument("--max-unavailable", type=positive_int, default=1, metavar="N",
+                        help="canary: replicas loading at once after the canary (default 1)")
+    parser.add_argument("--canary-wait", type=float, default=0.0, metavar="S",
+                        help="canary: seconds the canary holds the version before the rest load (default 0)")
+
+
+def add_wait_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-wait", action="store_true", help="return once the rollout has started")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                        help="give up waiting for the rollout after S seconds (default 600; it goes on)")
+
+
+def policy_from_args(args: argparse.Namespace) -> pb.RolloutPolicy:
+    if args.canary_wait < 0:
+        raise ValueError(f"--canary-wait must be >= 0 seconds, got {args.canary_wait}")
+    return policy(args.strategy, args.canary_replicas, args.max_unavailable, args.canary_wait)
+
+
+def address(args: argparse.Namespace) -> str:
+    return getattr(args, "registry", None) or default_registry()
+
+
+def who(args: argparse.Namespace) -> str:
+    return getattr(args, "who", None) or default_who()
+
+
+def connect(args: argparse.Namespace) -> RegistryClient:
+    return RegistryClient(address(args))
+
+
+def local_or_uri(path: str) -> str:
+    """A local path made absolute (the registry resolves paths in its own working directory);
+    URIs ("s3://…", "file://…") pass as they are."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def rpc_error_exit(args: argparse.Namespace, error: grpc.RpcError) -> int:
+    """One line on stderr, e.g. "ccoe expert: error: NOT_FOUND: expert 'x' is not registered"."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = (error.details() if hasattr(error, "details") else "") or str(error)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details += (f" (is a registry listening at {address(args)}? "
+                    "point --registry or CCOE_REGISTRY at it)")
+    print(f"ccoe {args.command}: error: {code.name}: {details}", file=sys.stderr)
+    return 1 if code in RETRYABLE else 2
+
+
+# ---- upload progress -------------------------------------------------------------------------
+
+class UploadBar:
+    """Bytes sent, on stderr: redrawn in place on a terminal, a line per quarter in a log.
+
+    law@1  [##########----------]  50%  1.2 MiB / 2.4 MiB  3.1 MiB/s
+    """
+
+    WIDTH = 24
+
+    def __init__(self, label: str, stream: Any = None):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+        self.last_draw = 0.0
+        self.last_quarter = -1
+        self.done = self.total = 0
+
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        now = time.monotonic()
+        if self.tty:
+            if done >= total or now - self.last_draw >= 0.1:
+                self.stream.write("\r" + self._line())
+                self.stream.flush()
+                self.last_draw = now
+            return
+        quarter = 4 * done // total if total else 4
+        if quarter > self.last_quarter:
+            self.stream.write(self._line() + "\n")
+            self.stream.flush()
+            self.last_quarter = quarter
+
+    def finish(self) -> None:
+        if self.tty and self.total:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _line(self) -> str:
+        share = self.done / self.total if self.total else 1.0
+        filled = int(share * self.WIDTH)
+        rate = self.done / max(time.monotonic() - self.start, 1e-6)
+        return (f"uploading {self.label}  [{'#' * filled}{'-' * (self.WIDTH - filled)}] {int(share * 100):3d}%  "
+                f"{human_bytes(self.done)} / {human_bytes(self.total)}  {human_bytes(rate)}/s")
+
+
+# ---- rollouts --------------------------------------------------------------------------------
+
+def when(unix_s: float) -> str | None:
+    """Local ISO time, e.g. "2026-11-22T18:40:03+01:00"; None for 0 (not yet)."""
+    return datetime.fromtimestamp(unix_s).astimezone().isoformat(timespec="seconds") if unix_s else None
+
+
+def rollout_dict(r: pb.Rollout) -> dict[str, Any] | None:
+    if not r.id:
+        return None
+    p = r.policy
+    return {"id": r.id, "expert": r.expert, "from_version": r.from_version, "to_version": r.to_version,
+            "state": r.state, "reason": r.reason,
+            "policy": {"strategy": STRATEGY_NAMES.get(p.strategy, str(p.strategy)),
+                       "canary_replicas": p.canary_replicas, "max_unavailable": p.max_unavailable,
+                       "canary_wait_s": p.canary_wait_ms / 1000},
+            "replicas": [{"replica_id": s.replica_id, "state": s.state, "detail": s.detail} for s in r.replicas],
+            "started_at": r.started_at, "finished_at": r.finished_at or None,
+            "duration_s": round(r.finished_at - r.started_at, 3) if r.finished_at else None}
+
+
+def rollout_headline(r: pb.Rollout) -> str:
+    """e.g. "rollout 3fa2c1d0e9ab: law 1 -> 2 (canary), done in 2.4 s"."""
+    source = f"v{r.from_version}" if r.from_version else "nothing"
+    head = (f"rollout {r.id}: {r.expert} {source} -> v{r.to_version} "
+            f"({STRATEGY_NAMES.get(r.policy.strategy, '?')}), {r.state}")
+    if r.finished_at:
+        head += f" in {r.finished_at - r.started_at:.1f} s"
+    else:
+        head += f" for {max(time.time() - r.started_at, 0):.1f} s"
+    if r.reason:
+        head += f": {r.reason}"
+    return head
+
+
+def replica_summary(r: pb.Rollout) -> str:
+    """e.g. "1/2 ready: ModelReplica#ab12 ready, ModelReplica#cd34 loading"."""
+    ready = sum(s.state == "ready" for s in r.replicas)
+    states = ", ".join(f"{s.replica_id} {s.state}" + (f" ({s.detail})" if s.detail and s.state != "waiting" else "")
+                       for s in r.replicas)
+    return f"{ready}/{len(r.replicas)} replicas ready" + (f": {states}" if states else "")
+
+
+def rollout_table(r: pb.Rollout) -> str:
+    rows = [(s.replica_id, s.state, s.detail or "-") for s in r.replicas]
+    return format_table(("replica", "state", "detail"), rows) if rows else "(no live replica)"
+
+
+def print_rollout(r: pb.Rollout) -> None:
+    print(rollout_headline(r))
+    print(f"started {when(r.started_at)}" + (f", finished {when(r.finished_at)}" if r.finished_at else ""))
+    print(rollout_table(r))
+
+
+def wait_for_rollout(client: RegistryClient, r: pb.Rollout, timeout_s: float) -> tuple[pb.Rollout, int]:
+    """Follow a rollout to its end, one stderr line per change; (last seen, exit code): 0 done,
+    1 rolled back or still going at the timeout, 130 if interrupted (the rollout goes on)."""
+    start = time.monotonic()
+
+    def show(now: pb.Rollout) -> None:
+        print(f"  {time.monotonic() - start:5.1f}s  {now.state:<11} {replica_summary(now)}",
+              file=sys.stderr, flush=True)
+
+    try:
+        return client.wait_rollout(r.expert, r.id, timeout_s=timeout_s, poll_s=POLL_S, on_change=show), 0
+    except RolloutFailed as e:
+        # The raised record can be a stand-in (when superseded); the registry's is fuller.
+        current = client.rollout(r.expert)
+        return (current if current.id == r.id else e.rollout), 1
+    except TimeoutError as e:
+        print(f"ccoe: {e}; it goes on: follow it with `ccoe rollout status {r.expert} --watch`", file=sys.stderr)
+        return client.rollout(r.expert), 1
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; the rollout goes on: `ccoe rollout status {r.expert} --watch`", file=sys.stderr)
+        return r, 130
+
+
+def manifest_summary(manifest_json: str) -> dict[str, Any]:
+    m = json.loads(manifest_json) if manifest_json else {}
+    return {k: m.get(k) for k in ("kind", "layers", "parameter_count", "dtype", "domains", "weights_sha256",
+                                  "created_at")}
+
+
+def expert_dict(e: pb.ExpertInfo) -> dict[str, Any]:
+    return {"name": e.name, "revision": e.revision, "latest": e.latest, "serving": e.serving,
+            "versions": [{"version": v.version, "state": v.state, "uri": v.uri, "loaded_on": list(v.loaded_on),
+                          "registered_revision": v.registered_revision,
+                          "manifest": manifest_summary(v.manifest_json)} for v in e.versions],
+            "rollout": rollout_dict(e.rollout)}
