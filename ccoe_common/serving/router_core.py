@@ -91,8 +91,8 @@ class RouterCore:
     def maybe_reload_rules(self) -> None:
         """Pick up an edited rules file without a restart; a broken edit keeps the old table."""
         now = time.monotonic()
-        if self.config.rules is None or now < self._next_check:
-            return
+        if self.config.rules is None or now < self._next_check or self.registry_rules_rev:
+            return  # a table set in the registry (`ccoe rules set`) takes precedence over the file
         self._next_check = now + self.config.router.rules_check_interval_s
         mtime = self._mtime()
         if mtime == self._rules_mtime:
