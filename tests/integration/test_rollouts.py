@@ -323,3 +323,18 @@ def _rollout_finished(registry: RegistryClient):
     except grpc.RpcError:
         return None
     return r if r.state in ("done", "rolled_back") else None
+
+
+def test_rules_set_in_the_registry_reach_every_router(registry, stub):
+    table = "version: 7\nrules:\n  - id: sums\n    match: {keywords: [sum]}\n    experts: [math]\n"
+    with pytest.raises(grpc.RpcError) as err:
+        registry.set_rules(table.replace("[math]", "[medicine]"), who="test")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "medicine" in err.value.details()
+    rev = registry.set_rules(table, who="test").revision
+    assert registry.get_rules().revision == rev
+
+    def routed() -> bool:
+        r = stub.Generate(pb.GenerateRequest(prompt="the sum of 2 and 3", max_tokens=2), timeout=60)
+        return r.route.rule_id == "sums" and r.route.experts[0].name == "math"
+
+    wait_for(routed, 10, "the router applies the registry's rule table")
