@@ -338,3 +338,26 @@ def test_rules_set_in_the_registry_reach_every_router(registry, stub):
         return r.route.rule_id == "sums" and r.route.experts[0].name == "math"
 
     wait_for(routed, 10, "the router applies the registry's rule table")
+
+
+def test_a_restarted_registry_picks_up_where_it_left_off(registry, model, work):
+    import ray
+
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Registry#" in a["name"]]
+    before = registry.get("math")
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    # Ray Serve starts a new Registry; its state is all in Redis, so nothing is lost.
+    info = wait_for(lambda: _answer(lambda: registry.get("math")), 120, "the registry answers again")
+    assert (info.latest, info.serving, info.revision) == (before.latest, before.serving, before.revision)
+    version = info.latest + 1
+    pushed = registry.push(math_version(model, work, version), who="test")
+    registry.wait_rollout("math", pushed.rollout.id, timeout_s=180)
+    # both replicas reconnected their desired-state streams to the new registry
+    assert len(loaded_on(registry, "math", version)) == 2
+
+
+def _answer(call):
+    try:
+        return call()
+    except grpc.RpcError:
+        return None
