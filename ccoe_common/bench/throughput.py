@@ -118,9 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_flag(parser)
 
 
-def workload_from_args(args: argparse.Namespace) -> Workload:
-    base = QUICK if args.quick else FULL
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)
+def workload_from_args(args: argparse.Namespace, quick: Any = None, full: Any = None) -> Any:
+    """The --quick or full workload (a dataclass), with every field given on the command line
+    replacing its default. Shared by the benchmarks; defaults to this one's workloads."""
+    base = (quick or QUICK) if args.quick else (full or FULL)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(base)
                  if getattr(args, f.name, None) is not None}
     return dataclasses.replace(base, **overrides)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ccoe_common.bench import memory, serve, throughput
+from ccoe_common.bench import memory, rollout, serve, throughput
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,3 +19,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("serve", help="served gRPC stack vs the in-process engine: tokens/s, TTFT, ITL")
     serve.add_arguments(p)
     p.set_defaults(handler=serve.run)
+    p = kinds.add_parser("rollout", help="push-to-live time of new expert versions under load, 2+ replicas")
+    rollout.add_arguments(p)
+    p.set_defaults(handler=rollout.run)
