@@ -23,7 +23,7 @@ from ccoe_common.zoo.build import build_zoo
 from ccoe_common.zoo.config import ZooConfig
 from ccoe_common.zoo.reproduce import SERVED_NOTE, reproduce
 
-COLUMNS = ("backbone", "expert", "mix", "sequential", "served")
+COLUMNS = ("backbone", "expert", "mix", "sequential", "served", "mixed_batch")
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -82,7 +82,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
           f"{iso['after_push_identical']}"
           + (f"; after training and pushing {iso['trained_and_pushed']}: {iso['after_train_and_push_identical']}"
              if "trained_and_pushed" in iso else ""))
-    print("routing accuracy of rules.json: " + ", ".join(f"{d} {v:.0%}" for d, v in report["routing_accuracy"].items()))
+    print("routing accuracy of the served rule table: "
+          + ", ".join(f"{d} {v:.0%}" for d, v in report["routing_accuracy"].items()))
+    print("served answers identical to the expert's own: "
+          + ", ".join(f"{d} {v}" for d, v in report["served_equals_expert"].items()))
     print(f"note: {SERVED_NOTE}")
     print(f"({report['seconds']:.0f}s)", file=sys.stderr)
     return 0

@@ -7,9 +7,12 @@ Per domain, exact-match accuracy on held-out generated problems for:
 - sequential: a full copy fine-tuned on the domains one after another (catastrophic forgetting
   shows as the early domains' accuracy falling); `sequential_after_own_stage` is the accuracy
   right after the domain's own stage;
-- served: all experts resident in one CCoEModel, every domain's requests routed by the rule
-  table and run together in mixed-expert batches through `CCoEModel.forward`. The gRPC
-  serving stack does not exist yet; this is the in-process co-resident model it will wrap.
+- served: the experts pushed through the registry onto the local serving stack (Ray Serve,
+  gRPC, Redis), the rule table set in the registry, and every test problem sent over gRPC with
+  no expert named: the rules pick the expert. `served_equals_expert` says whether every
+  answer is the expert's own, word for word;
+- mixed_batch: all experts resident in one CCoEModel, every domain's requests routed by the
+  rule table and run together in mixed-expert batches through `CCoEModel.forward`.
 
 Isolation (CCoE's claim that adding B costs A nothing) is checked bit for bit: A's logits on
 its test prompts with only A resident, after every other expert is pushed, and after a new
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ccoe_common.cli.common import stdout_to_stderr
 from ccoe_common.model.backbone import Backbone
 from ccoe_common.model.ccoe import CCoEModel
 from ccoe_common.training import baselines
@@ -38,10 +42,12 @@ from ccoe_common.zoo.config import ZooConfig
 from ccoe_common.zoo.domains import Problem, get_domain
 from ccoe_common.zoo.evaluate import accuracy, batched_greedy, prompt_of
 from ccoe_common.zoo.rules import read_rules
+from ccoe_common.zoo.served import served_answers
 
 MAX_NEW_TOKENS = 40
-SERVED_NOTE = ("served = in-process co-resident CCoEModel, mixed-expert batches routed by rules.json "
-               "(the gRPC serving stack does not exist yet)")
+SERVED_NOTE = ("served = experts pushed through the registry onto the local gRPC stack, rules set in the "
+               "registry, requests over gRPC with no expert named; mixed_batch = all experts co-resident "
+               "in one CCoEModel, mixed-expert batches routed by rules.json")
 
 
 def _test_problems(path: str, domain: str) -> list[Problem]:
@@ -114,9 +120,10 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
     for d in names[1:]:
         model.push(zoo["experts"][d]["uri"])
     after_push = probe_logits()
+    expert_answers = {d: batched_greedy(model, prompts[d], [d] * len(prompts[d]), max_new_tokens=MAX_NEW_TOKENS)
+                      for d in names}
     for d in names:
-        acc[d]["expert"] = score(d, batched_greedy(model, prompts[d], [d] * len(prompts[d]),
-                                                   max_new_tokens=MAX_NEW_TOKENS))
+        acc[d]["expert"] = score(d, expert_answers[d])
     isolation: dict[str, Any] = {"domain": first, "after_push_identical": bool(torch.equal(alone, after_push))}
     if len(names) > 1:
         other = names[1]
@@ -135,16 +142,24 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
                          answers_identical=answers_after == answers_alone)
         model.pop(other, run.manifest.version)
 
-    say("[2/5] served: every domain's requests mixed in each batch, routed by rules.json")
+    say("[2/5] mixed batches: every domain's requests in each batch, routed by rules.json")
     rules = read_rules(Path(zoo["rules"]))
     order = [(d, i) for i in range(max(map(len, tests.values()))) for d in names if i < len(tests[d])]
     routed = [rules.route(tests[d][i].instruction)[0] for d, i in order]
-    served = batched_greedy(model, [prompts[d][i] for d, i in order], routed, max_new_tokens=MAX_NEW_TOKENS)
-    routing_ok = {d: 0 for d in names}
+    mixed = batched_greedy(model, [prompts[d][i] for d, i in order], routed, max_new_tokens=MAX_NEW_TOKENS)
     for d in names:
-        got = [a for (dd, _), a in zip(order, served) if dd == d]
-        acc[d]["served"] = score(d, got)
-        routing_ok[d] = sum(r == d for (dd, _), r in zip(order, routed) if dd == d) / len(tests[d])
+        acc[d]["mixed_batch"] = score(d, [a for (dd, _), a in zip(order, mixed) if dd == d])
+    say("    served: pushing every expert through the registry onto the local gRPC stack")
+    with stdout_to_stderr():  # Ray prints to stdout; --json output must stay clean
+        served, served_routes = served_answers(
+            zoo["backbone"]["path"], {d: zoo["experts"][d]["uri"] for d in names}, rules,
+            {d: [p.instruction for p in tests[d]] for d in names}, MAX_NEW_TOKENS, say)
+    routing_ok = {d: 0.0 for d in names}
+    served_equal = {}
+    for d in names:
+        acc[d]["served"] = score(d, served[d])
+        routing_ok[d] = sum(r == d for r in served_routes[d]) / len(tests[d])
+        served_equal[d] = served[d] == expert_answers[d]
 
     pad = model.tokenizer.pad_token_id
     per_domain = {d: tokenize_all(read_records(zoo["data"][d]["train"], model.tokenizer).records,
@@ -183,6 +198,7 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
         "domains": acc,
         "isolation": isolation,
         "routing_accuracy": routing_ok,
+        "served_equals_expert": served_equal,
         "test_problems": {d: len(ps) for d, ps in tests.items()},
         "expert_parameters": {d: zoo["experts"][d]["parameters"] for d in names},
         "backbone_parameters": zoo["backbone"]["parameters"],

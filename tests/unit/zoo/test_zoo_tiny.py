@@ -64,9 +64,13 @@ def test_reproduce_reports_every_column_and_isolation(tiny_zoo):
     report = reproduce(workdir, TINY, quiet=True)
     assert set(report["domains"]) == {"arith", "sql", "units"}
     for accs in report["domains"].values():
-        assert {"backbone", "expert", "mix", "sequential", "served"} <= set(accs)
+        assert {"backbone", "expert", "mix", "sequential", "served", "mixed_batch"} <= set(accs)
         assert all(0.0 <= v <= 1.0 for v in accs.values())
     iso = report["isolation"]
     assert iso["after_push_identical"] and iso["after_train_and_push_identical"] and iso["answers_identical"]
+    # served = pushed through the registry onto the real gRPC stack, routed by the rules there
     assert report["routing_accuracy"] == {"arith": 1.0, "sql": 1.0, "units": 1.0}
-    assert "gRPC serving stack does not exist yet" in report["note"]
+    assert report["served_equals_expert"] == {"arith": True, "sql": True, "units": True}
+    for accs in report["domains"].values():
+        assert accs["served"] == accs["expert"]
+    assert "registry" in report["note"]
