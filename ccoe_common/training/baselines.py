@@ -9,7 +9,7 @@ The shared backbone is never touched: each baseline deep-copies it first.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ccoe_common.model.backbone import Backbone
 from ccoe_common.training.data import Example
@@ -27,13 +27,16 @@ def mixed(backbone: Backbone, per_domain: dict[str, Sequence[Example]], config: 
 
 
 def sequential(backbone: Backbone, per_domain: dict[str, Sequence[Example]], order: Sequence[str],
-               config: TrainConfig, *, pad_id: int, after_stage: Callable[[str, Backbone], None] | None = None,
+               config: TrainConfig | Mapping[str, TrainConfig], *, pad_id: int,
+               after_stage: Callable[[str, Backbone], None] | None = None,
                quiet: bool = False) -> tuple[Backbone, list[TrainResult]]:
-    """One copy fine-tuned on order[0], then order[1], ...; after_stage(domain, model) runs after each."""
+    """One copy fine-tuned on order[0], then order[1], ...; after_stage(domain, model) runs after
+    each. `config` may differ per domain (a stage as long as that domain's expert training)."""
     model = copy.deepcopy(backbone)
     results = []
     for name in order:
-        results.append(fit(FullTarget(model), per_domain[name], config, pad_id=pad_id,
+        stage = config[name] if isinstance(config, Mapping) else config
+        results.append(fit(FullTarget(model), per_domain[name], stage, pad_id=pad_id,
                            label=f"baseline sequential: {name}", quiet=quiet))
         model.requires_grad_(False)
         if after_stage is not None:

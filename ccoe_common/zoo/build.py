@@ -65,9 +65,10 @@ def write_domain_data(workdir: Path, config: ZooConfig) -> dict[str, dict[str, P
     return paths
 
 
-def expert_config(config: ZooConfig) -> TrainConfig:
-    return TrainConfig(steps=config.expert_steps, batch_size=config.expert_batch_size, lr=config.expert_lr,
-                       warmup_steps=max(1, config.expert_steps // 20), eval_every=max(1, config.expert_steps // 5),
+def expert_config(config: ZooConfig, domain: str | None = None) -> TrainConfig:
+    steps = config.expert_steps if domain is None else config.steps_for(domain)
+    return TrainConfig(steps=steps, batch_size=config.expert_batch_size, lr=config.expert_lr,
+                       warmup_steps=max(1, steps // 20), eval_every=max(1, steps // 5),
                        max_seq_len=128, seed=config.seed, log_every=10, precision="fp32")
 
 
@@ -101,7 +102,7 @@ def build_zoo(workdir: Path, config: ZooConfig | None = None, *, force: bool = F
         train = read_records(data[name]["train"], model.tokenizer)
         evals = read_records(data[name]["eval"], model.tokenizer)
         uri = str(workdir / "experts" / name / "v1")
-        run = train_expert(model, expert, train, evals, expert_config(config), out_uri=uri,
+        run = train_expert(model, expert, train, evals, expert_config(config, name), out_uri=uri,
                            run_dir=workdir / "runs" / name, quiet=quiet)
         timings[f"expert_{name}_s"] = time.monotonic() - t
         experts[name] = {"uri": uri, "version": run.manifest.version, "layers": run.manifest.layers,

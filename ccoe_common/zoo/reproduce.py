@@ -165,15 +165,18 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
     per_domain = {d: tokenize_all(read_records(zoo["data"][d]["train"], model.tokenizer).records,
                                   model.tokenizer, 128)[0] for d in names}
     base_dir = workdir / "baselines" / config.digest()
-    say(f"[3/5] baseline mix: full fine-tune on all domains ({config.expert_steps * len(names)} steps)")
+    mix_steps = sum(config.steps_for(d) for d in names)  # as many steps as all experts together
+    say(f"[3/5] baseline mix: full fine-tune on all domains ({mix_steps} steps)")
     mix = _cached_baseline(base_dir / "mix.safetensors", lambda: baselines.mixed(
-        model.backbone, per_domain, _baseline_config(config, config.expert_steps * len(names)), pad_id=pad,
+        model.backbone, per_domain, _baseline_config(config, mix_steps), pad_id=pad,
         quiet=quiet)[0], model.backbone)
     for d, a in _eval_full(model, mix, tests).items():
         acc[d]["mix"] = a
     del mix
 
-    say(f"[4/5] baseline sequential: full fine-tune on {' -> '.join(names)} ({config.expert_steps} steps each)")
+    stages = {d: _baseline_config(config, config.steps_for(d)) for d in names}  # each as long as its expert
+    say(f"[4/5] baseline sequential: full fine-tune on "
+        f"{' -> '.join(f'{d} ({stages[d].steps} steps)' for d in names)}")
     own_stage: dict[str, float] = {}
     stage_file = base_dir / "sequential_stages.json"
 
@@ -182,7 +185,7 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
         own_stage[d] = score(d, batched_greedy(view, prompts[d], [None] * len(prompts[d]), max_new_tokens=MAX_NEW_TOKENS))
 
     seq = _cached_baseline(base_dir / "sequential.safetensors", lambda: baselines.sequential(
-        model.backbone, per_domain, names, _baseline_config(config, config.expert_steps), pad_id=pad,
+        model.backbone, per_domain, names, stages, pad_id=pad,
         after_stage=after_stage, quiet=quiet)[0], model.backbone)
     if own_stage:
         stage_file.write_text(json.dumps(own_stage))

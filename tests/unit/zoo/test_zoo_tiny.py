@@ -16,7 +16,7 @@ from ccoe_common.zoo.reproduce import reproduce
 
 TINY = ZooConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=2, num_kv_heads=1,
                  pretrain_steps=2, pretrain_batch_size=2, pretrain_seq_len=32, train_problems=16, eval_problems=4,
-                 test_problems=4, expert_steps=2, expert_batch_size=2)
+                 test_problems=4, expert_steps=2, expert_steps_by_domain={"arith": 3}, expert_batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_build_writes_a_loadable_backbone_experts_and_rules(tiny_zoo):
         key = model.push(e["uri"])
         assert str(key) == f"{name}@1" and model.get(name).domains == [name]
         manifest = json.loads((workdir / "experts" / name / "v1" / "manifest.json").read_text())
-        assert manifest["training"]["steps"] == 2
+        assert manifest["training"]["steps"] == (3 if name == "arith" else 2)  # per-domain steps
     rules = json.loads((workdir / "rules.json").read_text())
     assert [r["expert"] for r in rules["rules"]] == ["sql", "arith", "units"]
     assert is_built(workdir, TINY) and not is_built(workdir, TINY.model_copy(update={"seed": 1}))
