@@ -29,7 +29,7 @@ from ccoe_common.experts.errors import ExpertError
 from ccoe_common.pb import inference_pb2 as ipb
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry import rollout as ro
-from ccoe_common.registry.artifact_store import ArtifactConflict, ArtifactStore
+from ccoe_common.registry.artifact_store import ArtifactConflict, ArtifactStore, StoredArtifact
 from ccoe_common.registry.errors import (
     ArtifactRefused,
     BadRequest,
@@ -191,7 +191,7 @@ class RegistryService:
         return pb.PushExpertResponse(expert=ipb.ExpertRef(name=name, version=version), revision=rev,
                                      stored_uri=stored.uri, rollout=rollout_to_pb(record, await self._live()))
 
-    async def _store_copy(self, uri: str):
+    async def _store_copy(self, uri: str) -> StoredArtifact:
         """Copy into the artifact store (sha256 checked). A different copy of the same
         name@version left by a push that was never registered is replaced; a registered one never is."""
         try:
