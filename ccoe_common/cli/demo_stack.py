@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             report["audit"] = [e.what for e in reversed(audit)]
         channel.close()
         say("\nshutting down ...", flush=True)
-    say("done.")
+    say("done. The experts above are untrained stand-ins; for trained experts giving checkable answers: "
+        "`ccoe demo build` (once, about 8 minutes) then `ccoe demo zoo`.")
     if args.json:
         print_json(report)
     ok = after_pop.startswith("NOT_FOUND") and all(r["tokens"] == n for r in report["requests"])

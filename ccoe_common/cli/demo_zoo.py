@@ -1,6 +1,7 @@
-"""`ccoe demo build|reproduce`: the demo model zoo and the small-scale reproduction.
+"""`ccoe demo build|zoo|reproduce`: the demo model zoo and the small-scale reproduction.
 
     ccoe demo build                 # backbone + 3 trained experts + rules.json, cached
+    ccoe demo zoo                   # the zoo served: checkable answers over gRPC, routed by rules
     ccoe demo reproduce --json      # {"domains": {"sql": {"backbone": 0.0, "expert": 0.93, ...}, ...}}
 
 Both default to one CPU thread: on a shared 2-core machine, two threads that contend with any
@@ -17,11 +18,15 @@ from pathlib import Path
 
 import torch
 
-from ccoe_common.cli.common import add_json_flag, format_table, print_json
+from ccoe_common.cli.common import UserError, add_json_flag, format_table, positive_int, print_json, stdout_to_stderr
 from ccoe_common.settings import load_settings
-from ccoe_common.zoo.build import build_zoo
+from ccoe_common.zoo.build import build_zoo, read_zoo
 from ccoe_common.zoo.config import ZooConfig
-from ccoe_common.zoo.reproduce import SERVED_NOTE, reproduce
+from ccoe_common.zoo.domains import get_domain
+from ccoe_common.zoo.evaluate import read_problems
+from ccoe_common.zoo.reproduce import MAX_NEW_TOKENS, SERVED_NOTE, reproduce
+from ccoe_common.zoo.rules import read_rules
+from ccoe_common.zoo.served import ask, zoo_stack
 
 COLUMNS = ("backbone", "expert", "mix", "sequential", "served", "mixed_batch")
 
@@ -31,6 +36,12 @@ def register(verbs: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--force", action="store_true", help="rebuild even if the cached zoo matches")
     p.set_defaults(handler=run_build)
+
+    p = verbs.add_parser("zoo", help="serve the built zoo (experts pushed through the registry) and check "
+                                     "answers to held-out problems over gRPC")
+    _common(p)
+    p.add_argument("--per-domain", type=positive_int, default=4, metavar="N", help="problems per domain (default 4)")
+    p.set_defaults(handler=run_zoo)
 
     p = verbs.add_parser("reproduce", help="accuracy of backbone / CCoE experts / full fine-tune baselines per domain")
     _common(p)
@@ -48,6 +59,35 @@ def _setup(args: argparse.Namespace) -> Path:
         raise ValueError(f"--threads {args.threads} must be >= 1")
     torch.set_num_threads(args.threads)
     return Path(args.workdir) if args.workdir else load_settings().cache_dir / "zoo"
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    """Held-out problems of each domain over gRPC, as an app sends them: no expert named, the
+    rule table picks one; each answer is checked (sqlite for SQL, the number otherwise)."""
+    workdir = _setup(args)
+    zoo = read_zoo(workdir)  # whatever zoo is built there (an older config's included)
+    if zoo is None:
+        raise UserError(f"no demo zoo is built in {workdir}: run `ccoe demo build` first (about 8 minutes on "
+                        "2 cores, cached afterwards)")
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say("starting the local stack on the zoo's backbone and pushing its experts through the registry ...")
+    rows = []
+    with stdout_to_stderr(args.json), zoo_stack(zoo["backbone"]["path"], {d: e["uri"] for d, e in zoo["experts"].items()},
+                                               read_rules(Path(zoo["rules"])), who="demo zoo", say=say) as stub:
+        for domain in zoo["experts"]:
+            for problem in read_problems(zoo["data"][domain]["test"], domain)[:args.per_domain]:
+                r = ask(stub, problem.instruction, MAX_NEW_TOKENS)
+                rows.append({"domain": domain, "question": problem.instruction, "answer": r.text,
+                             "expected": problem.output, "correct": get_domain(domain).check(problem, r.text),
+                             "experts": [f"{e.name}@{e.version}" for e in r.route.experts],
+                             "rule_id": r.route.rule_id})
+    if args.json:
+        print_json({"answers": rows})
+        return 0
+    print(format_table(("domain", "question", "answer", "routed to", "correct"),
+                       [(r["domain"], r["question"], r["answer"], ", ".join(r["experts"]) or "backbone",
+                         "yes" if r["correct"] else f"no (expected {r['expected']})") for r in rows]))
+    return 0
 
 
 def run_build(args: argparse.Namespace) -> int:

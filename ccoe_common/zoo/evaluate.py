@@ -10,7 +10,9 @@ each row stops at EOS or a newline-free answer's end.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -70,6 +72,12 @@ def batched_greedy(
         for r, i in enumerate(idx):
             out[i] = tok.decode(generated[r], skip_special_tokens=True)
     return out
+
+
+def read_problems(path: str | Path, domain: str) -> list[Problem]:
+    """Generated problems from the zoo's JSONL (instruction, output, answer per line)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [Problem(domain, r["instruction"], r["output"], r["answer"]) for r in rows]
 
 
 def prompt_of(problem: Problem) -> str:

@@ -40,7 +40,7 @@ from ccoe_common.training.trainer import TrainConfig
 from ccoe_common.zoo.build import build_zoo, expert_config, read_zoo
 from ccoe_common.zoo.config import ZooConfig
 from ccoe_common.zoo.domains import Problem, get_domain
-from ccoe_common.zoo.evaluate import accuracy, batched_greedy, prompt_of
+from ccoe_common.zoo.evaluate import accuracy, batched_greedy, prompt_of, read_problems
 from ccoe_common.zoo.rules import read_rules
 from ccoe_common.zoo.served import served_answers
 
@@ -48,11 +48,6 @@ MAX_NEW_TOKENS = 40
 SERVED_NOTE = ("served = experts pushed through the registry onto the local gRPC stack, rules set in the "
                "registry, requests over gRPC with no expert named; mixed_batch = all experts co-resident "
                "in one CCoEModel, mixed-expert batches routed by rules.json")
-
-
-def _test_problems(path: str, domain: str) -> list[Problem]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [Problem(domain, r["instruction"], r["output"], r["answer"]) for r in rows]
 
 
 def _baseline_config(config: ZooConfig, steps: int) -> TrainConfig:
@@ -91,7 +86,7 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
     t0 = time.monotonic()
     model = CCoEModel.from_pretrained(zoo["backbone"]["path"])
     names = list(config.domains)
-    tests = {d: _test_problems(zoo["data"][d]["test"], d) for d in names}
+    tests = {d: read_problems(zoo["data"][d]["test"], d) for d in names}
     prompts = {d: [prompt_of(p) for p in ps] for d, ps in tests.items()}
     acc: dict[str, dict[str, float]] = {d: {} for d in names}
 

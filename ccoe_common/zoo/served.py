@@ -6,9 +6,9 @@ the rules pick the expert.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,39 +35,53 @@ def routing_table(rules: ZooRules) -> dict[str, Any]:
     return table
 
 
-def served_answers(backbone: str, expert_uris: dict[str, str], rules: ZooRules,
-                   instructions: dict[str, list[str]], max_new_tokens: int,
-                   say: Callable[[str], None] = lambda _: None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Per domain: the answers through the stack, and which expert the router picked for each."""
+@contextmanager
+def zoo_stack(backbone: str, expert_uris: dict[str, str], rules: ZooRules, *, who: str,
+              say: Callable[[str], None] = lambda _: None) -> Iterator[inference_pb2_grpc.InferenceStub]:
+    """The local stack on the zoo's backbone, every expert pushed through the registry and
+    live, the rule table set there; yields an Inference stub."""
     config = AppConfig.load({"backbone": backbone,
                              "replica": {"engine": {"max_running": 16, "max_waiting": 256, "max_seq_len": 512}}})
     with LocalStack(config, grpc_port=free_port()) as stack, RegistryClient(stack.address) as registry:
         for name, uri in expert_uris.items():
-            pushed = registry.push(uri, who="demo reproduce")
+            pushed = registry.push(uri, who=who)
             done = registry.wait_rollout(name, pushed.rollout.id, timeout_s=300)
             say(f"  pushed {name}@{pushed.expert.version}: live in {done.finished_at - done.started_at:.2f}s")
-        registry.set_rules(yaml.safe_dump(routing_table(rules)), who="demo reproduce")
+        registry.set_rules(yaml.safe_dump(routing_table(rules)), who=who)
         channel = grpc.insecure_channel(stack.address)
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        _wait_for_rules(stub, rules)
+        try:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            _wait_for_rules(stub, rules)
+            yield stub
+        finally:
+            channel.close()
 
-        def ask(instruction: str) -> tuple[str, str]:
-            r = stub.Generate(pb.GenerateRequest(prompt=instruction, template=pb.ALPACA, max_tokens=max_new_tokens),
-                              timeout=600)
+
+def ask(stub: inference_pb2_grpc.InferenceStub, instruction: str, max_new_tokens: int) -> pb.GenerateResponse:
+    """As an app would: the instruction in the Alpaca template, no expert named (rules route)."""
+    return stub.Generate(pb.GenerateRequest(prompt=instruction, template=pb.ALPACA, max_tokens=max_new_tokens),
+                         timeout=600)
+
+
+def served_answers(backbone: str, expert_uris: dict[str, str], rules: ZooRules,
+                   instructions: dict[str, list[str]], max_new_tokens: int,
+                   say: Callable[[str], None] = lambda _: None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per domain: the answers through the stack, and which expert the router picked for each."""
+    with zoo_stack(backbone, expert_uris, rules, who="demo reproduce", say=say) as stub:
+
+        def one(instruction: str) -> tuple[str, str]:
+            r = ask(stub, instruction, max_new_tokens)
             return r.text, (r.route.experts[0].name if r.route.experts else "")
 
         answers: dict[str, list[str]] = {}
         routed: dict[str, list[str]] = {}
-        lock = threading.Lock()
         started = time.monotonic()
         with ThreadPoolExecutor(CLIENTS) as pool:
             for domain, items in instructions.items():
-                results = list(pool.map(ask, items))
-                with lock:
-                    answers[domain] = [text for text, _ in results]
-                    routed[domain] = [expert for _, expert in results]
+                results = list(pool.map(one, items))
+                answers[domain] = [text for text, _ in results]
+                routed[domain] = [expert for _, expert in results]
                 say(f"  {domain}: {len(items)} requests over gRPC ({time.monotonic() - started:.0f}s)")
-        channel.close()
     return answers, routed
 
 

@@ -74,3 +74,19 @@ def test_reproduce_reports_every_column_and_isolation(tiny_zoo):
     for accs in report["domains"].values():
         assert accs["served"] == accs["expert"]
     assert "registry" in report["note"]
+
+
+def test_demo_zoo_serves_checked_answers_over_grpc(tiny_zoo, capsys):
+    import argparse
+
+    from ccoe_common.cli.demo_zoo import run_zoo
+
+    workdir, _ = tiny_zoo
+    args = argparse.Namespace(workdir=str(workdir), threads=1, json=True, per_domain=2)
+    assert run_zoo(args) == 0
+    out = capsys.readouterr().out  # in-process, Ray's log thread may print here too
+    rows = json.JSONDecoder().raw_decode(out, out.index('{"answers"'))[0]["answers"]
+    assert [r["domain"] for r in rows] == ["arith", "arith", "sql", "sql", "units", "units"]
+    for r in rows:  # routed by the rule table set in the registry, to the domain's own expert
+        assert r["experts"] == [f"{r['domain']}@1"] and r["rule_id"] == f"r-{r['domain']}"
+        assert isinstance(r["correct"], bool) and r["question"]
