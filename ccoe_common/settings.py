@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+DEFAULT_REGISTRY = "127.0.0.1:9000"  # where `ccoe serve` listens
+
+
 @dataclass(frozen=True)
 class Settings:
     cache_dir: Path
     log_level: str
     device: str
     trace_dir: Path | None
-    registry: str = "127.0.0.1:9000"
+    registry: str = DEFAULT_REGISTRY
 
 
 def _default_device() -> str:
@@ -38,5 +41,5 @@ def load_settings() -> Settings:
         log_level=level,
         device=os.environ.get("CCOE_DEVICE") or _default_device(),
         trace_dir=Path(os.environ["CCOE_TRACE_DIR"]) if os.environ.get("CCOE_TRACE_DIR") else None,
-        registry=os.environ.get("CCOE_REGISTRY") or "127.0.0.1:9000",
+        registry=os.environ.get("CCOE_REGISTRY") or DEFAULT_REGISTRY,
     )

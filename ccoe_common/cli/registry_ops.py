@@ -22,9 +22,8 @@ import grpc
 from ccoe_common.cli.common import format_table, human_bytes, positive_int
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.client import RegistryClient, RolloutFailed, policy
-from ccoe_common.settings import load_settings
+from ccoe_common.settings import DEFAULT_REGISTRY, load_settings
 
-DEFAULT_REGISTRY = "127.0.0.1:9000"  # also settings.Settings.registry's default
 # The registry answers these when it could not be reached or did not answer in time: the
 # request may succeed if retried, so they exit 1 (like a failed rollout), not 2 (a bad request).
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

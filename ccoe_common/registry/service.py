@@ -370,8 +370,10 @@ class RegistryService:
         return rollout_to_pb(record, await self._live())
 
     async def tick(self) -> int:
-        """Advance every active rollout one step; returns how many changed."""
-        state = await self._io(self.store.desired_state)
+        """Advance every active rollout one step; returns how many changed. Which rollouts are
+        active comes from the followed snapshot (no extra read per tick); each one is re-read
+        under its revision before it is advanced."""
+        state = self._snapshot or await self._io(self.store.desired_state)
         active = [name for name, r in state.rollouts.items() if ro.is_active(r)]
         if not active:
             return 0

@@ -288,9 +288,6 @@ class RegistryStore:
             pipe.hget(self._version(name, version), "uri")
         return {k: u for k, u in zip(keys, pipe.execute()) if u is not None}
 
-    def ping(self) -> bool:
-        return bool(self.r.ping())
-
     def rules(self) -> tuple[int, dict[str, Any] | None]:
         rev, table = self.r.hmget(PREFIX + "rules", "rev", "table")
         return int(rev or 0), None if table is None else json.loads(table)

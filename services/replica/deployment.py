@@ -15,11 +15,11 @@ from typing import Any
 from ray import serve
 
 from ccoe_common.engine.params import GenerationRequest
-from ccoe_common.pb import registry_pb2 as rpb
 from ccoe_common.registry.follower import ReplicaFollower
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.events import Event
 from ccoe_common.serving.replica import ReplicaRuntime
+from services.handles import watch_desired_state
 
 FIRST_SYNC_TIMEOUT_S = 300.0
 
@@ -32,19 +32,11 @@ class ModelReplica:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.registry = serve.get_deployment_handle("Registry", app_name=context.app_name)
-        self.follower = ReplicaFollower(self.runtime.engine, self.replica_id, self._watch,
+        self.follower = ReplicaFollower(self.runtime.engine, self.replica_id,
+                                        lambda rid: watch_desired_state(self.registry, rid),
                                         self.registry.ReportReplicaState.remote, cfg.registry, self.runtime.metrics)
         await self.follower.sync_once(FIRST_SYNC_TIMEOUT_S)
         self._tasks = [asyncio.create_task(self.follower.run()), asyncio.create_task(self.follower.heartbeat())]
-
-    async def _watch(self, replica_id: str) -> AsyncIterator[rpb.DesiredState]:
-        stream = self.registry.options(stream=True).WatchDesiredState.remote(
-            rpb.WatchDesiredStateRequest(replica_id=replica_id))
-        try:
-            async for message in stream:
-                yield message
-        finally:
-            stream.cancel()
 
     async def generate(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]:
         async for event in self.runtime.stream(request, carrier):

@@ -27,6 +27,7 @@ from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.events import Event
 from ccoe_common.serving.grpc_status import apply_error, metadata_of
 from ccoe_common.serving.router_core import RouterCore
+from services.handles import cancelling, watch_desired_state
 
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,8 @@ class HandleReplicaClient:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
-    async def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]:
-        response = self.handle.options(stream=True).generate.remote(request, carrier)
-        try:
-            async for event in response:
-                yield event
-        finally:
-            response.cancel()
+    def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]:
+        return cancelling(self.handle.options(stream=True).generate.remote(request, carrier))
 
 
 @serve.deployment(graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.2)
@@ -57,17 +53,9 @@ class Router:
         self.core = RouterCore(cfg, HandleReplicaClient(replica))
         self.artifacts = ArtifactStore(cfg.registry.artifact_store)
         self.core.refresh_view = self._refresh
-        stream = self._watch()
+        stream = watch_desired_state(registry)
         self._apply(await asyncio.wait_for(anext(stream), FIRST_SYNC_TIMEOUT_S))
         self._follow_task = asyncio.create_task(self._follow(stream))
-
-    async def _watch(self) -> AsyncIterator[rpb.DesiredState]:
-        stream = self.registry.options(stream=True).WatchDesiredState.remote(rpb.WatchDesiredStateRequest())
-        try:
-            async for message in stream:
-                yield message
-        finally:
-            stream.cancel()
 
     def _apply(self, msg: rpb.DesiredState) -> None:
         self.core.apply_desired(dict(msg.serving), msg.rules_revision,
@@ -86,7 +74,7 @@ class Router:
             except Exception as e:  # noqa: BLE001 - the registry restarts: keep the last view, reconnect
                 log.warning("desired-state stream broke (%s); reconnecting", e)
             await asyncio.sleep(0.5)
-            stream = self._watch()
+            stream = watch_desired_state(self.registry)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
@@ -159,15 +147,12 @@ class Router:
 
     async def WatchDesiredState(self, request: rpb.WatchDesiredStateRequest,
                                 grpc_context=None) -> AsyncIterator[rpb.DesiredState]:
-        stream = self.registry.options(stream=True).WatchDesiredState.remote(request)
         try:
-            async for message in stream:
+            async for message in watch_desired_state(self.registry, request.replica_id):
                 yield message
         except Exception as e:  # noqa: BLE001 - the gRPC edge
             apply_error(grpc_context, e)
             raise
-        finally:
-            stream.cancel()
 
     # ---- grpc.health.v1 ---------------------------------------------------------------------
 
