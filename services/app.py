@@ -19,7 +19,7 @@ CONTROL_HEADROOM = 16
 
 GRPC_SERVICERS = (
     "ccoe_common.serving.grpc_servicers.add_inference_servicer",
-    "ccoe_common.pb.registry_pb2_grpc.add_RegistryServicer_to_server",
+    "ccoe_common.serving.grpc_servicers.add_registry_servicer",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
 # Every replica and router holds one WatchDesiredState stream open on the registry.

@@ -232,13 +232,16 @@ def test_client_deadline_cancels_on_the_server(stub):
 
 
 def test_client_cancel_frees_the_slot(stub):
-    before = replica_stats()["generated_tokens"]
-    stream = stub.GenerateStream(greedy("Compute", 1000), timeout=120)
-    got = [next(stream) for _ in range(3)]
-    stream.cancel()
-    stats = wait_idle()
-    assert len(got) == 3 and stats["running"] == 0 and stats["free_slots"] == 2
-    assert stats["generated_tokens"] - before < 1000  # it really stopped early
+    # Several times: Ray's proxy alone lost a cancel that landed while it wrote a message
+    # (about half of them), so one lucky cancel proves little.
+    for _ in range(5):
+        before = replica_stats()["generated_tokens"]
+        stream = stub.GenerateStream(greedy("Compute", 1000), timeout=120)
+        got = [next(stream) for _ in range(3)]
+        stream.cancel()
+        stats = wait_idle()
+        assert len(got) == 3 and stats["running"] == 0 and stats["free_slots"] == 2
+        assert stats["generated_tokens"] - before < 1000  # it really stopped early
     still_serves(stub)
 
 
