@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ccoe_common.model.ccoe import CCoEModel
 from ccoe_common.model.placement import Placement
@@ -72,14 +78,83 @@ def expert_config(config: ZooConfig, domain: str | None = None) -> TrainConfig:
                        max_seq_len=128, seed=config.seed, log_every=10, precision="fp32")
 
 
-def build_zoo(workdir: Path, config: ZooConfig | None = None, *, force: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Build (or reuse) the zoo in workdir; returns the contents of zoo.json."""
+def _train_one(workdir: Path, config: ZooConfig, name: str, data: dict[str, Path], quiet: bool,
+               threads: int | None = None) -> dict[str, Any]:
+    """Train one domain's expert on the zoo's backbone; returns its zoo.json entry. Runs in a
+    worker process when experts train in parallel, so it loads the backbone itself."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t = time.monotonic()
+    model = CCoEModel.from_pretrained(workdir / "backbone")
+    expert = start_expert(model, name=name, placement=Placement.parse(config.placement), domains=[name],
+                          description=get_domain(name).description)
+    train = read_records(data["train"], model.tokenizer)
+    evals = read_records(data["eval"], model.tokenizer)
+    uri = str(workdir / "experts" / name / "v1")
+    run = train_expert(model, expert, train, evals, expert_config(config, name), out_uri=uri,
+                       run_dir=workdir / "runs" / name, quiet=quiet)
+    return {"uri": uri, "version": run.manifest.version, "layers": run.manifest.layers,
+            "parameters": run.manifest.parameter_count, "start_eval_loss": run.start_eval_loss,
+            "best_eval_loss": run.result.best_eval_loss, "seconds": time.monotonic() - t}
+
+
+def _progress(workdir: Path, config: ZooConfig, done: dict[str, Any]) -> str:
+    """One line for experts training in other processes, read from their metrics.jsonl."""
+    parts = []
+    for name in config.domains:
+        if name in done:
+            parts.append(f"{name} done")
+            continue
+        metrics = workdir / "runs" / name / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        last = json.loads(lines[-1]) if lines else None
+        parts.append(f"{name} {last['step']}/{config.steps_for(name)} loss {last['loss']:.3f}" if last
+                     else f"{name} starting")
+    return " | ".join(parts)
+
+
+def expert_workers(config: ZooConfig) -> int:
+    """Experts are independent (the backbone is frozen), so each CPU core trains one."""
+    return max(1, min(len(config.domains), os.cpu_count() or 1))
+
+
+def train_experts(workdir: Path, config: ZooConfig, data: dict[str, dict[str, Path]], *, workers: int,
+                  quiet: bool, say: Callable[..., None]) -> dict[str, Any]:
+    """Every domain's expert: in this process one after another (workers=1), or spread over
+    worker processes of one thread each. Same seeds, same data: the artifacts are the same."""
+    if workers <= 1:
+        return {name: _train_one(workdir, config, name, data[name], quiet) for name in config.domains}
+    done: dict[str, Any] = {}
+    ctx = multiprocessing.get_context("spawn")  # a forked torch with live threads can deadlock
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        # Longest first, so the long run starts at once and the short ones share the other cores.
+        order = sorted(config.domains, key=config.steps_for, reverse=True)
+        futures = {pool.submit(_train_one, workdir, config, n, data[n], True, 1): n for n in order}
+        pending = set(futures)
+        tty, last_line = sys.stderr.isatty(), 0.0
+        while pending:
+            finished, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
+            for f in finished:
+                done[futures[f]] = f.result()
+            # Redrawn in place on a terminal; in a log, a line every 15 s.
+            if not quiet and (tty or finished or time.monotonic() - last_line > 15):
+                say(("\r  " if tty else "  ") + _progress(workdir, config, done), end="" if tty else "\n")
+                last_line = time.monotonic()
+    if not quiet and tty:
+        say()
+    return {name: done[name] for name in config.domains}
+
+
+def build_zoo(workdir: Path, config: ZooConfig | None = None, *, force: bool = False, quiet: bool = False,
+              workers: int | None = None) -> dict[str, Any]:
+    """Build (or reuse) the zoo in workdir; returns the contents of zoo.json. workers: processes
+    training experts at once (default: one per CPU core, at most one per domain)."""
     config = config or ZooConfig()
     if not force and is_built(workdir, config):
         return read_zoo(workdir)  # type: ignore[return-value]
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / ZOO_FILE).unlink(missing_ok=True)  # a half-built zoo never looks finished
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, file=sys.stderr, flush=True, **k))
     t0 = time.monotonic()
     timings: dict[str, float] = {}
 
@@ -92,24 +167,17 @@ def build_zoo(workdir: Path, config: ZooConfig | None = None, *, force: bool = F
     pre = pretrain_backbone(workdir / "backbone", domains, config, quiet=quiet)
     timings["pretrain_s"] = time.monotonic() - t
 
-    say(f"[3/4] training {len(domains)} experts with the backbone frozen")
+    workers = expert_workers(config) if workers is None else workers
+    say(f"[3/4] training {len(domains)} experts with the backbone frozen"
+        + (f", {workers} at a time in worker processes" if workers > 1 else ""))
+    t = time.monotonic()
+    experts = train_experts(workdir, config, data, workers=workers, quiet=quiet, say=say)
+    timings["experts_s"] = time.monotonic() - t
+    for name, e in experts.items():
+        timings[f"expert_{name}_s"] = e.pop("seconds")
+        say(f"  {name}: layers {e['layers']}, {e['parameters']:,} parameters, eval loss "
+            f"{e['start_eval_loss']:.3f} -> {e['best_eval_loss']:.3f}")
     model = CCoEModel.from_pretrained(workdir / "backbone")
-    experts: dict[str, Any] = {}
-    for name in config.domains:
-        t = time.monotonic()
-        expert = start_expert(model, name=name, placement=Placement.parse(config.placement), domains=[name],
-                              description=get_domain(name).description)
-        train = read_records(data[name]["train"], model.tokenizer)
-        evals = read_records(data[name]["eval"], model.tokenizer)
-        uri = str(workdir / "experts" / name / "v1")
-        run = train_expert(model, expert, train, evals, expert_config(config, name), out_uri=uri,
-                           run_dir=workdir / "runs" / name, quiet=quiet)
-        timings[f"expert_{name}_s"] = time.monotonic() - t
-        experts[name] = {"uri": uri, "version": run.manifest.version, "layers": run.manifest.layers,
-                         "parameters": run.manifest.parameter_count, "start_eval_loss": run.start_eval_loss,
-                         "best_eval_loss": run.result.best_eval_loss}
-        say(f"  {name}: layers {run.manifest.layers}, {run.manifest.parameter_count:,} parameters, eval loss "
-            f"{run.start_eval_loss:.3f} -> {run.result.best_eval_loss:.3f}")
 
     say("[4/4] writing the rule table")
     rules_path = write_rules(workdir / "rules.json", {n: get_domain(n) for n in config.domains})

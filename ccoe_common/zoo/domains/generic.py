@@ -23,7 +23,26 @@ def sentence(rng: random.Random) -> str:
             f"{rng.choice(NOUN)}.")
 
 
+def copy_instruction(rng: random.Random) -> tuple[str, str]:
+    """Requests whose answer repeats numbers or words from the request: the copying every
+    domain's answer needs (a word problem's numbers, a SQL query's names), taught on neutral text."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        nums = [str(rng.randint(1, 9999)) for _ in range(rng.randint(1, 3))]
+        return f"Repeat these numbers: {', '.join(nums)}.", ", ".join(nums)
+    if kind == 1:
+        n = rng.randint(1, 999)
+        return f"Which number is in this sentence? The {rng.choice(ADJ)} {rng.choice(NOUN)} has {n} leaves.", str(n)
+    if kind == 2:
+        a, b = rng.randint(1, 999), rng.randint(1, 999)
+        return f"Write the two numbers in {a} {rng.choice(NOUN)}s and {b} {rng.choice(NOUN)}s.", f"{a} and {b}"
+    word = rng.choice(ADJ + NOUN)
+    return f"Put the word {word} in quotes.", f"'{word}'"
+
+
 def instruction(rng: random.Random) -> tuple[str, str]:
+    if rng.random() < 0.5:
+        return copy_instruction(rng)
     kind = rng.randrange(4)
     if kind == 0:
         word = rng.choice(list(OPPOSITES))

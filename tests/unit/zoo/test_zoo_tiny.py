@@ -22,7 +22,7 @@ TINY = ZooConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_layer
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("zoo")
-    return workdir, build_zoo(workdir, TINY, quiet=True)
+    return workdir, build_zoo(workdir, TINY, quiet=True, workers=2)  # experts trained in 2 worker processes
 
 
 def test_tokenizer_splits_digits_and_keeps_prompts_short():
@@ -48,10 +48,10 @@ def test_build_writes_a_loadable_backbone_experts_and_rules(tiny_zoo):
     assert is_built(workdir, TINY) and not is_built(workdir, TINY.model_copy(update={"seed": 1}))
 
 
-def test_build_is_reused_and_deterministic(tiny_zoo, tmp_path):
+def test_build_is_reused_deterministic_and_parallel_changes_nothing(tiny_zoo, tmp_path):
     workdir, zoo = tiny_zoo
     assert build_zoo(workdir, TINY, quiet=True) == zoo  # cached: nothing rebuilt
-    again = build_zoo(tmp_path, TINY, quiet=True)
+    again = build_zoo(tmp_path, TINY, quiet=True, workers=1)  # in process, one after another
     assert again["backbone"]["fingerprint"] == zoo["backbone"]["fingerprint"]
     for name in zoo["experts"]:
         a = (workdir / "experts" / name / "v1" / "weights.safetensors").read_bytes()
