@@ -20,7 +20,7 @@ import torch
 
 from ccoe_common.cli import demo_stack, demo_zoo
 from ccoe_common.cli.demo_assets import demo_backbone, nudge
-from ccoe_common.cli.common import add_json_flag, format_table, human_bytes, print_json
+from ccoe_common.cli.common import add_json_flag, format_table, human_bytes, positive_int, print_json
 from ccoe_common.model import CCoEModel, Placement
 from ccoe_common.model.generate import greedy_generate
 from ccoe_common.settings import load_settings
@@ -29,9 +29,14 @@ DEMO_PROMPTS = ("Compute 12 + 7 and", "SELECT name FROM users WHERE")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the demo (plain `ccoe demo`: the whole local stack over gRPC)")
-    p.add_argument("--workdir", help="where demo models are cached (default: $CCOE_CACHE_DIR/demo)")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="tokens per generation (default 12)")
+    p = sub.add_parser("demo", help="run the demo (plain `ccoe demo`: the demo zoo served by the whole local "
+                                    "stack over gRPC, built once and cached)")
+    p.add_argument("--workdir", help="the demo zoo's directory (default: $CCOE_CACHE_DIR/zoo, or zoo-quick)")
+    p.add_argument("--quick", action="store_true", help="a toy zoo built in seconds instead (smoke runs, CI): "
+                                                        "same steps, mostly wrong answers")
+    p.add_argument("--per-domain", type=positive_int, default=3, metavar="N",
+                   help="held-out problems asked per domain (default 3)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads for the build (default 1)")
     add_json_flag(p)
     p.set_defaults(handler=demo_stack.run)
     kinds = p.add_subparsers(dest="demo", metavar="PART")

@@ -22,31 +22,6 @@ DEMO_EXPERTS = {
     "sql": ("trailing", Placement(strategy="BE"), 1),
     "law": ("ffn", Placement(strategy="FE"), 2),
 }
-DEMO_RULES = """\
-# CCoE Serve demo rule table: domain tags first, then words in the request.
-version: 1
-default: {expert: null}          # anything else: the bare backbone
-rules:
-  - id: audit-fanout
-    priority: 30
-    description: auditors get the math and the SQL expert's answers side by side
-    match: {app: [audit]}
-    experts: [math, sql]
-  - id: math-domain
-    priority: 20
-    match: {domain: [math]}
-    experts: [math]
-  - id: sql-words
-    priority: 10
-    match: {regex: ['\\bSELECT\\b.*\\bFROM\\b']}
-    experts: [sql]
-  - id: math-words
-    priority: 10
-    match: {keywords: [compute, sum, "how many"]}
-    experts: [math]
-"""
-
-
 def demo_backbone(workdir: Path) -> Path:
     """The demo checkpoint, created on first use (about a second)."""
     path = workdir / "backbone"
@@ -76,10 +51,3 @@ def demo_experts(workdir: Path) -> dict[str, str]:
             expert = nudge(model.carve(name, kind=kind, placement=placement, domains=[name]), seed)
             expert.to_artifact(uris[name], model.info)
     return uris
-
-
-def demo_rules(workdir: Path) -> Path:
-    path = workdir / "rules.yaml"
-    if not path.exists() or path.read_text() != DEMO_RULES:
-        path.write_text(DEMO_RULES)
-    return path

@@ -1,24 +1,28 @@
-"""`ccoe demo`: the whole product on this machine.
+"""`ccoe demo`: the whole product on this machine, with experts that know their domains.
 
-Starts the local stack (local Ray, an embedded redis-server, the Ray Serve app behind its
-gRPC proxy) on a tiny demo backbone with two experts, then over real gRPC: sends requests
-from several domains and prints each route trace, streams one answer token by token, pushes
-a third expert live and uses it, pops it and shows the clear error that follows, and shuts
-everything down.
+Builds the demo zoo once (a pre-trained backbone and one trained expert per synthetic domain,
+cached: `ccoe_common.zoo.build`), starts the local stack on it (local Ray, an embedded
+redis-server, the Ray Serve app behind its gRPC proxy) with all experts but the last, then over
+real gRPC: asks held-out problems of every domain as an app would (no expert named, the rule
+table routes) and checks each answer; pushes the last expert live through the registry with a
+new rule table and asks its problems again; streams one answer token by token; pops the expert
+and shows the clear error that follows; prints the audit trail; shuts everything down.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
+import yaml
 
-from ccoe_common.cli.common import print_json, stdout_to_stderr
-from ccoe_common.cli.demo_assets import demo_backbone, demo_experts, demo_rules
+from ccoe_common.cli.common import format_table, print_json, stdout_to_stderr
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
 from ccoe_common.registry.client import RegistryClient
@@ -26,92 +30,149 @@ from ccoe_common.registry.redis_server import free_port
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
 from ccoe_common.settings import load_settings
-
-# (label, request) pairs; each shows a different route.
-EXAMPLES: list[tuple[str, dict[str, Any]]] = [
-    ("domain tag", dict(prompt="Compute 12 + 7 and", domain="math")),
-    ("regex rule", dict(prompt="SELECT name FROM users WHERE age > 30")),
-    ("keyword rule", dict(prompt="How many apples are left?")),
-    ("no rule: default", dict(prompt="The patient presents with fever")),
-    ("fan-out rule", dict(prompt="Total revenue per region", metadata={"app": "audit"})),
-    ("explicit expert", dict(prompt="Compute 3 * 4", expert=pb.ExpertRef(name="sql"), routing=pb.EXPERT)),
-]
+from ccoe_common.zoo.build import build_zoo, is_built
+from ccoe_common.zoo.config import ZooConfig
+from ccoe_common.zoo.domains import Problem, generic, get_domain
+from ccoe_common.zoo.evaluate import read_problems
+from ccoe_common.zoo.reproduce import MAX_NEW_TOKENS
+from ccoe_common.zoo.rules import read_rules
+from ccoe_common.zoo.served import ask, routing_table
 
 
 def _trace(route: pb.RouteTrace) -> str:
     experts = ", ".join(f"{e.name}@{e.version}" for e in route.experts) or "backbone"
     rule = f" rule={route.rule_id}" if route.rule_id else ""
-    return f"policy={route.policy}{rule} -> {experts} ({route.reason})"
+    return f"policy={route.policy}{rule} -> {experts}"
+
+
+def _ask_all(stub: inference_pb2_grpc.InferenceStub, problems: dict[str, list[Problem]], stage: str) -> list[dict]:
+    rows = []
+    for domain, items in problems.items():
+        for p in items:
+            r = ask(stub, p.instruction, MAX_NEW_TOKENS)
+            rows.append({"stage": stage, "domain": domain, "question": p.instruction, "answer": r.text,
+                         "expected": p.output, "correct": get_domain(domain).check(p, r.text),
+                         "experts": [f"{e.name}@{e.version}" for e in r.route.experts], "rule_id": r.route.rule_id})
+    return rows
+
+
+def _cell(text: str, width: int = 60) -> str:
+    """One table cell: an answer may hold newlines (a wrong one often does) and run long."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
+
+
+def _table(rows: list[dict]) -> str:
+    return format_table(("domain", "question", "routed to", "answer", "correct"),
+                        [(r["domain"], r["question"], ", ".join(r["experts"]) or "backbone", _cell(r["answer"]),
+                          "yes" if r["correct"] else f"no (expected {r['expected']})") for r in rows])
+
+
+def _routes_to(stub: inference_pb2_grpc.InferenceStub, question: str, expert: str, timeout_s: float = 30) -> bool:
+    """Routers apply a new rule table within moments; wait until `question` routes to `expert`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = stub.Generate(pb.GenerateRequest(prompt=question, template=pb.ALPACA, max_tokens=1), timeout=60)
+        if [e.name for e in r.route.experts] == [expert]:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def run(args: argparse.Namespace) -> int:
-    workdir = Path(args.workdir) if args.workdir else load_settings().cache_dir / "demo"
+    settings = load_settings()
+    zoo_config = ZooConfig.quick() if args.quick else ZooConfig()
+    workdir = Path(args.workdir) if args.workdir else settings.cache_dir / ("zoo-quick" if args.quick else "zoo")
     say = (lambda *a, **k: None) if args.json else print
-    report: dict[str, Any] = {"requests": []}
-    uris = demo_experts(workdir)
+    torch.set_num_threads(args.threads)  # see `ccoe demo build --help`: one thread is faster on a busy machine
+    if not is_built(workdir, zoo_config):
+        print(f"building the demo zoo in {workdir} (once; {'under a minute' if args.quick else 'about 8 minutes'} "
+              "on 2 cores, cached afterwards) ...", file=sys.stderr, flush=True)
+    zoo = build_zoo(workdir, zoo_config, quiet=args.json)
+    uris = {d: e["uri"] for d, e in zoo["experts"].items()}
+    *first, live = list(uris)
+    full_table = routing_table(read_rules(Path(zoo["rules"])))
+    first_table = {**full_table, "rules": [r for r in full_table["rules"] if r["experts"][0] in first]}
+    rules_file = workdir / "demo-rules.yaml"
+    rules_file.write_text(yaml.safe_dump(first_table))
+    (workdir / "rules.yaml").write_text(yaml.safe_dump(full_table))  # examples/demo-app.yaml serves with it
+    problems = {d: read_problems(zoo["data"][d]["test"], d)[:args.per_domain] for d in uris}
     config = AppConfig.load({
-        "backbone": str(demo_backbone(workdir)),
-        "experts": [uris["math"], uris["sql"]],
-        "rules": str(demo_rules(workdir)),
-        "replica": {"engine": {"max_seq_len": 256, "max_running": 8, "max_batched_tokens": 128}},
+        "backbone": zoo["backbone"]["path"], "experts": [uris[d] for d in first], "rules": str(rules_file),
+        "replica": {"engine": {"max_seq_len": 512, "max_running": 8, "max_batched_tokens": 256}},
     })
-    say("starting the local stack (Ray, redis-server, Ray Serve gRPC proxy) ...", flush=True)
+    report: dict[str, Any] = {"zoo": str(workdir), "quick": args.quick}
+    say(f"starting the local stack (Ray, redis-server, Ray Serve gRPC proxy) with experts {', '.join(first)} ...",
+        flush=True)
     t0 = time.monotonic()
     with stdout_to_stderr(args.json), LocalStack(config, grpc_port=free_port()) as stack:
         say(f"up in {time.monotonic() - t0:.1f}s: gRPC {stack.address}, Redis {stack.redis_url}\n")
         report["grpc_address"] = stack.address
         channel = grpc.insecure_channel(stack.address)
         stub = inference_pb2_grpc.InferenceStub(channel)
-        n = args.max_new_tokens
 
-        for label, fields in EXAMPLES:
-            r = stub.Generate(pb.GenerateRequest(max_tokens=n, **fields), timeout=120)
-            say(f"[{label}] {fields['prompt']!r}\n    route: {_trace(r.route)}\n    answer: {r.text!r}")
-            for f in r.fanout:
-                say(f"    fan-out {f.expert.name}@{f.expert.version}: {f.text!r}")
-            report["requests"].append({"label": label, "policy": r.route.policy, "rule_id": r.route.rule_id,
-                                       "experts": [f"{e.name}@{e.version}" for e in r.route.experts],
-                                       "text": r.text, "tokens": len(r.token_ids), "fanout": len(r.fanout)})
-
-        say("\nstreaming (domain math), token by token:\n    ", end="", flush=True)
-        pieces = []
-        for msg in stub.GenerateStream(pb.GenerateRequest(prompt="Compute 12 + 7 and", domain="math",
-                                                          max_tokens=n), timeout=120):
-            pieces.append(msg.text)
-            say(f"[{msg.text}]" if msg.text else "[…]", end="", flush=True)
-        say(f"  ({len(pieces)} messages)")
-        report["stream_messages"] = len(pieces)
+        say(f"held-out problems, sent as an app would (Alpaca template, no expert named); {live} has no expert yet:")
+        rows = _ask_all(stub, problems, "before push")
+        question, expected = generic.instruction(random.Random(7))
+        r = ask(stub, question, MAX_NEW_TOKENS)
+        rows.append({"stage": "before push", "domain": "generic", "question": question, "answer": r.text,
+                     "expected": expected, "correct": r.text.strip() == expected,
+                     "experts": [f"{e.name}@{e.version}" for e in r.route.experts], "rule_id": r.route.rule_id})
+        say(_table(rows))
 
         with RegistryClient(stack.address) as registry:
-            pushed = registry.push(uris["law"], who="demo")
+            pushed = registry.push(uris[live], who="demo")
             key = f"{pushed.expert.name}@{pushed.expert.version}"
-            done = registry.wait_rollout("law", pushed.rollout.id, timeout_s=120)
-            r = stub.Generate(pb.GenerateRequest(prompt="The court held that", expert=pb.ExpertRef(name="law"),
-                                                 routing=pb.EXPERT, max_tokens=n), timeout=120)
+            done = registry.wait_rollout(live, pushed.rollout.id, timeout_s=120)
+            registry.set_rules(yaml.safe_dump({**full_table, "version": 2}), who="demo")
+            routed = _routes_to(stub, problems[live][0].instruction, live)
             say(f"\nlive push: {key} rolled out to {len(done.replicas)} replica(s) in "
-                f"{done.finished_at - done.started_at:.2f}s -> request on law: {_trace(r.route)}\n"
-                f"    answer: {r.text!r}")
-            popped_msg = registry.pop("law", who="demo", wait_s=30)
+                f"{done.finished_at - done.started_at:.2f}s, rule table v2 routes {live} to it; the same problems:")
+            after = _ask_all(stub, {live: problems[live]}, "after push")
+            say(_table(after))
+            rows += after
+
+            say(f"\nstreaming ({problems[first[0]][0].instruction!r}), token by token:\n    ", end="", flush=True)
+            pieces = []
+            for msg in stub.GenerateStream(pb.GenerateRequest(prompt=problems[first[0]][0].instruction,
+                                                              template=pb.ALPACA, max_tokens=MAX_NEW_TOKENS),
+                                           timeout=120):
+                pieces.append(msg)
+                say(f"[{msg.text}]" if msg.text else "[…]", end="", flush=True)
+            say(f"  ({len(pieces)} messages, {_trace(pieces[0].route)})")
+            report["stream_messages"] = len(pieces)
+
+            popped_msg = registry.pop(live, who="demo", wait_s=30)
             popped = [f"{e.name}@{e.version}" for e in popped_msg.retired]
             try:
-                stub.Generate(pb.GenerateRequest(prompt="The court held that", expert=pb.ExpertRef(name="law"),
-                                                 routing=pb.EXPERT, max_tokens=n), timeout=120)
+                ask(stub, problems[live][0].instruction, MAX_NEW_TOKENS)
                 after_pop = "OK (unexpected)"
             except grpc.RpcError as e:
                 after_pop = f"{e.code().name}: {e.details()}"
-            say(f"live pop: {', '.join(popped)} (drained: {popped_msg.drained}) -> the next request on law "
-                f"gets {after_pop}")
-            report["push"] = {"pushed": key, "popped": popped, "after_pop": after_pop}
+            say(f"\nlive pop: {', '.join(popped)} (drained: {popped_msg.drained}) -> the next {live} problem gets "
+                f"{after_pop}")
+            report["push"] = {"pushed": key, "routed_after_push": routed, "popped": popped, "after_pop": after_pop}
             audit = registry.audit(limit=20).entries
             say(f"audit trail: {', '.join(f'{e.what}' for e in reversed(audit))}")
             report["audit"] = [e.what for e in reversed(audit)]
         channel.close()
         say("\nshutting down ...", flush=True)
-    say("done. The experts above are untrained stand-ins; for trained experts giving checkable answers: "
-        "`ccoe demo build` (once, about 8 minutes) then `ccoe demo zoo`.")
+
+    report["answers"] = rows
+    accuracy = {}
+    for stage in ("before push", "after push"):
+        for d in dict.fromkeys(r["domain"] for r in rows if r["stage"] == stage):  # first-seen order
+            mine = [r for r in rows if r["stage"] == stage and r["domain"] == d]
+            accuracy[f"{d} ({stage})"] = sum(r["correct"] for r in mine) / len(mine)
+    report["accuracy"] = accuracy
+    say("correct answers: " + ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items()))
+    if args.quick:
+        say("(--quick: a toy zoo trained for seconds, so most answers are wrong; run `ccoe demo` for the real one)")
     if args.json:
         print_json(report)
-    ok = after_pop.startswith("NOT_FOUND") and all(r["tokens"] == n for r in report["requests"])
+    by_rule = all(r["experts"] == [f"{r['domain']}@1"] for r in rows
+                  if r["domain"] in first or r["stage"] == "after push")
+    ok = by_rule and routed and after_pop.startswith("NOT_FOUND")
     if not ok:
         print("demo: something did not behave as expected (see above)", file=sys.stderr)
     return 0 if ok else 1

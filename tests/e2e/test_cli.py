@@ -92,14 +92,21 @@ def test_core_demo_runs_and_checks_itself(tmp_path):
 
 
 def test_stack_demo_over_grpc(tmp_path):
-    """The README's main job: local Ray + redis-server + the gRPC app, end to end."""
-    report = json.loads(ccoe("demo", "--workdir", str(tmp_path), "--max-new-tokens", "4", "--json").stdout)
-    routes = {r["label"]: (r["policy"], r["rule_id"], r["experts"]) for r in report["requests"]}
-    assert routes["domain tag"] == ("rules", "math-domain", ["math@1"])
-    assert routes["regex rule"] == ("rules", "sql-words", ["sql@1"])
-    assert routes["no rule: default"] == ("default", "", [])
-    assert routes["fan-out rule"] == ("rules", "audit-fanout", ["math@1", "sql@1"])
-    assert routes["explicit expert"] == ("explicit", "", ["sql@1"])
-    assert report["stream_messages"] == 4
-    assert report["push"]["pushed"] == "law@1" and report["push"]["popped"] == ["law@1"]
-    assert report["push"]["after_pop"].startswith("NOT_FOUND")
+    """The README's main job (on the toy zoo): the zoo built, then local Ray + redis-server + the
+    gRPC app, held-out problems routed by the rules, a live push and pop through the registry."""
+    proc = ccoe("demo", "--quick", "--workdir", str(tmp_path), "--per-domain", "2", "--json")
+    report = json.loads(proc.stdout)
+    before = [r for r in report["answers"] if r["stage"] == "before push"]
+    after = [r for r in report["answers"] if r["stage"] == "after push"]
+    assert [(r["domain"], r["experts"]) for r in before] == [
+        ("arith", ["arith@1"]), ("arith", ["arith@1"]), ("sql", ["sql@1"]), ("sql", ["sql@1"]),
+        ("units", []), ("units", []), ("generic", [])]  # units has no expert yet: the backbone answers
+    assert [(r["domain"], r["experts"], r["rule_id"]) for r in after] == [("units", ["units@1"], "r-units")] * 2
+    assert all(r["answer"] and r["question"] for r in report["answers"])
+    assert report["stream_messages"] >= 1
+    assert report["push"] == {**report["push"], "pushed": "units@1", "routed_after_push": True, "popped": ["units@1"]}
+    assert report["push"]["after_pop"].startswith("NOT_FOUND") and "units" in report["push"]["after_pop"]
+    assert report["audit"][-4:] == ["rollout_assign", "rollout_done", "set_rules", "retire"]
+    assert set(report["accuracy"]) == {"arith (before push)", "sql (before push)", "units (before push)",
+                                       "generic (before push)", "units (after push)"}
+    assert "building the demo zoo" in proc.stderr  # the first run builds it (later runs reuse it)
