@@ -107,6 +107,8 @@ def test_stack_demo_over_grpc(tmp_path):
     assert report["push"] == {**report["push"], "pushed": "units@1", "routed_after_push": True, "popped": ["units@1"]}
     assert report["push"]["after_pop"].startswith("NOT_FOUND") and "units" in report["push"]["after_pop"]
     assert report["audit"][-4:] == ["rollout_assign", "rollout_done", "set_rules", "retire"]
+    held_out = report["held_out_accuracy"]  # every test problem of the toy zoo, through the stack
+    assert list(held_out) == ["arith", "sql", "units"] and all(0 <= a <= 1 for a in held_out.values())
     assert set(report["accuracy"]) == {"arith (before push)", "sql (before push)", "units (before push)",
                                        "generic (before push)", "units (after push)"}
     assert "building the demo zoo" in proc.stderr  # the first run builds it (later runs reuse it)
