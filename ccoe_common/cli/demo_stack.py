@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda *a, **k: None) if args.json else print
     torch.set_num_threads(args.threads)  # see `ccoe demo build --help`: one thread is faster on a busy machine
     if not is_built(workdir, zoo_config):
-        print(f"building the demo zoo in {workdir} (once; {'under a minute' if args.quick else 'about 8 minutes'} "
+        print(f"building the demo zoo in {workdir} (once; {'under a minute' if args.quick else 'about 9 minutes'} "
               "on 2 cores, cached afterwards) ...", file=sys.stderr, flush=True)
     zoo = build_zoo(workdir, zoo_config, quiet=args.json)
     uris = {d: e["uri"] for d, e in zoo["experts"].items()}

@@ -67,7 +67,7 @@ def run_zoo(args: argparse.Namespace) -> int:
     workdir = _setup(args)
     zoo = read_zoo(workdir)  # whatever zoo is built there (an older config's included)
     if zoo is None:
-        raise UserError(f"no demo zoo is built in {workdir}: run `ccoe demo build` first (about 8 minutes on "
+        raise UserError(f"no demo zoo is built in {workdir}: run `ccoe demo build` first (about 9 minutes on "
                         "2 cores, cached afterwards)")
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     say("starting the local stack on the zoo's backbone and pushing its experts through the registry ...")
