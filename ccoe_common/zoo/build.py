@@ -98,6 +98,17 @@ def _train_one(workdir: Path, config: ZooConfig, name: str, data: dict[str, Path
             "best_eval_loss": run.result.best_eval_loss, "seconds": time.monotonic() - t}
 
 
+def _last_metrics(path: Path) -> dict[str, Any] | None:
+    """The newest complete record of a run's metrics.jsonl (its writer may be mid-line)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
 def _progress(workdir: Path, config: ZooConfig, done: dict[str, Any]) -> str:
     """One line for experts training in other processes, read from their metrics.jsonl."""
     parts = []
@@ -105,9 +116,7 @@ def _progress(workdir: Path, config: ZooConfig, done: dict[str, Any]) -> str:
         if name in done:
             parts.append(f"{name} done")
             continue
-        metrics = workdir / "runs" / name / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        last = json.loads(lines[-1]) if lines else None
+        last = _last_metrics(workdir / "runs" / name / "metrics.jsonl")
         parts.append(f"{name} {last['step']}/{config.steps_for(name)} loss {last['loss']:.3f}" if last
                      else f"{name} starting")
     return " | ".join(parts)
@@ -135,6 +144,10 @@ def train_experts(workdir: Path, config: ZooConfig, data: dict[str, dict[str, Pa
         while pending:
             finished, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
             for f in finished:
+                if f.exception() is not None:
+                    for other in pending:
+                        other.cancel()  # those not started yet; a running one finishes its expert
+                    raise RuntimeError(f"training the {futures[f]} expert failed: {f.exception()}") from f.exception()
                 done[futures[f]] = f.result()
             # Redrawn in place on a terminal; in a log, a line every 15 s.
             if not quiet and (tty or finished or time.monotonic() - last_line > 15):

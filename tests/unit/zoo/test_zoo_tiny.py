@@ -90,3 +90,20 @@ def test_demo_zoo_serves_checked_answers_over_grpc(tiny_zoo, capsys):
     for r in rows:  # routed by the rule table set in the registry, to the domain's own expert
         assert r["experts"] == [f"{r['domain']}@1"] and r["rule_id"] == f"r-{r['domain']}"
         assert isinstance(r["correct"], bool) and r["question"]
+
+
+def test_progress_reads_the_last_complete_metrics_line(tmp_path):
+    from ccoe_common.zoo.build import _last_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    assert _last_metrics(path) is None
+    path.write_text('{"step": 10, "loss": 1.5}\n{"step": 20, "loss": 1.2}\n{"step": 3')  # writer mid-line
+    assert _last_metrics(path) == {"step": 20, "loss": 1.2}
+
+
+def test_a_failing_worker_names_its_expert(tmp_path):
+    from ccoe_common.zoo.build import train_experts
+
+    data = {d: {"train": tmp_path / "none.jsonl", "eval": tmp_path / "none.jsonl"} for d in TINY.domains}
+    with pytest.raises(RuntimeError, match=r"training the \w+ expert failed: .*backbone"):
+        train_experts(tmp_path, TINY, data, workers=2, quiet=True, say=print)  # no backbone in tmp_path
