@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -85,6 +86,9 @@ def _train_one(workdir: Path, config: ZooConfig, name: str, data: dict[str, Path
     if threads is not None:
         torch.set_num_threads(threads)
     t = time.monotonic()
+    # A run left by an earlier build (another config) would show in the progress line and its
+    # metrics would be appended to; this build's run starts clean.
+    shutil.rmtree(workdir / "runs" / name, ignore_errors=True)
     model = CCoEModel.from_pretrained(workdir / "backbone")
     expert = start_expert(model, name=name, placement=Placement.parse(config.placement), domains=[name],
                           description=get_domain(name).description)
