@@ -15,6 +15,7 @@ import argparse
 import random
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from ccoe_common.zoo.domains import Problem, generic, get_domain
 from ccoe_common.zoo.evaluate import accuracy, read_problems
 from ccoe_common.zoo.reproduce import MAX_NEW_TOKENS
 from ccoe_common.zoo.rules import read_rules
-from ccoe_common.zoo.served import CLIENTS, ask, routing_table
+from ccoe_common.zoo.served import CLIENTS, ask, routes_to, routing_table
 
 
 def _trace(route: pb.RouteTrace) -> str:
@@ -46,15 +47,18 @@ def _trace(route: pb.RouteTrace) -> str:
     return f"policy={route.policy}{rule} -> {experts}"
 
 
+def _row(stub: inference_pb2_grpc.InferenceStub, stage: str, domain: str, question: str, expected: str,
+         check: Callable[[str], bool]) -> dict:
+    """Ask one question as an app would and record the answer, its route and whether it is right."""
+    r = ask(stub, question, MAX_NEW_TOKENS)
+    return {"stage": stage, "domain": domain, "question": question, "answer": r.text, "expected": expected,
+            "correct": check(r.text), "experts": [f"{e.name}@{e.version}" for e in r.route.experts],
+            "rule_id": r.route.rule_id}
+
+
 def _ask_all(stub: inference_pb2_grpc.InferenceStub, problems: dict[str, list[Problem]], stage: str) -> list[dict]:
-    rows = []
-    for domain, items in problems.items():
-        for p in items:
-            r = ask(stub, p.instruction, MAX_NEW_TOKENS)
-            rows.append({"stage": stage, "domain": domain, "question": p.instruction, "answer": r.text,
-                         "expected": p.output, "correct": get_domain(domain).check(p, r.text),
-                         "experts": [f"{e.name}@{e.version}" for e in r.route.experts], "rule_id": r.route.rule_id})
-    return rows
+    return [_row(stub, stage, domain, p.instruction, p.output, lambda text, p=p, d=domain: get_domain(d).check(p, text))
+            for domain, items in problems.items() for p in items]
 
 
 def _cell(text: str, width: int = 60) -> str:
@@ -74,17 +78,6 @@ def _table(rows: list[dict]) -> str:
     return format_table(("domain", "question", "routed to", "answer", "correct"),
                         [(r["domain"], r["question"], ", ".join(r["experts"]) or "backbone", _cell(r["answer"]),
                           "yes" if r["correct"] else f"no (expected {r['expected']})") for r in rows])
-
-
-def _routes_to(stub: inference_pb2_grpc.InferenceStub, question: str, expert: str, timeout_s: float = 30) -> bool:
-    """Routers apply a new rule table within moments; wait until `question` routes to `expert`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        r = stub.Generate(pb.GenerateRequest(prompt=question, template=pb.ALPACA, max_tokens=1), timeout=60)
-        if [e.name for e in r.route.experts] == [expert]:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,10 +116,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"held-out problems, sent as an app would (Alpaca template, no expert named); {live} has no expert yet:")
         rows = _ask_all(stub, problems, "before push")
         question, expected = generic.instruction(random.Random(7))
-        r = ask(stub, question, MAX_NEW_TOKENS)
-        rows.append({"stage": "before push", "domain": "generic", "question": question, "answer": r.text,
-                     "expected": expected, "correct": r.text.strip() == expected,
-                     "experts": [f"{e.name}@{e.version}" for e in r.route.experts], "rule_id": r.route.rule_id})
+        rows.append(_row(stub, "before push", "generic", question, expected, lambda text: text.strip() == expected))
         say(_table(rows))
 
         with RegistryClient(stack.address) as registry:
@@ -134,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             key = f"{pushed.expert.name}@{pushed.expert.version}"
             done = registry.wait_rollout(live, pushed.rollout.id, timeout_s=120)
             registry.set_rules(yaml.safe_dump({**full_table, "version": 2}), who="demo")
-            routed = _routes_to(stub, problems[live][0].instruction, live)
+            routed = routes_to(stub, problems[live][0].instruction, live)
             say(f"\nlive push: {key} rolled out to {len(done.replicas)} replica(s) in "
                 f"{done.finished_at - done.started_at:.2f}s, rule table v2 routes {live} to it; the same problems:")
             after = _ask_all(stub, {live: problems[live]}, "after push")

@@ -85,12 +85,19 @@ def served_answers(backbone: str, expert_uris: dict[str, str], rules: ZooRules,
     return answers, routed
 
 
-def _wait_for_rules(stub, rules: ZooRules, timeout_s: float = 30.0) -> None:
-    """Routers apply a new table within moments; wait until the first rule routes."""
-    rule = rules.rules[0]
-    probe = pb.GenerateRequest(prompt=f"{rule.keywords[0]}", max_tokens=1)
+def routes_to(stub: inference_pb2_grpc.InferenceStub, instruction: str, expert: str, timeout_s: float = 30.0) -> bool:
+    """Routers apply a new rule table within moments: wait until `instruction`, asked as an app
+    would, routes to `expert`; False if it still does not after timeout_s."""
     deadline = time.monotonic() + timeout_s
-    while stub.Generate(probe, timeout=60).route.rule_id != rule.id:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the router did not apply the rule table within {timeout_s}s")
+    while time.monotonic() < deadline:
+        r = stub.Generate(pb.GenerateRequest(prompt=instruction, template=pb.ALPACA, max_tokens=1), timeout=60)
+        if [e.name for e in r.route.experts] == [expert]:
+            return True
         time.sleep(0.1)
+    return False
+
+
+def _wait_for_rules(stub, rules: ZooRules, timeout_s: float = 30.0) -> None:
+    rule = rules.rules[0]
+    if not routes_to(stub, rule.keywords[0], rule.expert, timeout_s):
+        raise TimeoutError(f"the router did not apply the rule table within {timeout_s}s")
