@@ -57,6 +57,7 @@ from ccoe_common.cli.common import (
     positive_int,
     print_json,
 )
+from ccoe_common.engine.openmp import release_openmp_workers
 
 NUM_DOMAINS = 5
 SEQ_SYSTEMS = ("ccoe", "backbone", "peft_lora", "ensemble")
@@ -263,6 +264,10 @@ def _hf_generate(model: Any, prompts: Sequence[list[int]], new_tokens: int,
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    # The engines step on their own threads: this (main) thread's OpenMP workers would
+    # slow them down while they run (engine/openmp.py), so it lets go of them, as an engine
+    # does when it goes idle. Every system thus runs with the only worker pool in the process.
+    release_openmp_workers()
     generated = out.shape[1] - ids.shape[1]
     if generated != new_tokens:
         raise RuntimeError(f"transformers generated {generated} tokens per row, expected {new_tokens}")
@@ -445,6 +450,7 @@ def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progre
             checkpoint = make_checkpoint(Path(tmp) / "backbone", "qwen2", dtype=getattr(torch, dtype_name), **shape)
         progress.step(f"wrote the {shape_name} checkpoint")
         systems = build_systems(checkpoint, dtype_name, wl, progress)
+    release_openmp_workers()  # the loads ran on this thread; see _hf_generate
     try:
         seq = run_sequential(systems, wl, shape["vocab_size"], progress)
         bat = run_batched(systems, wl, shape["vocab_size"], progress)

@@ -39,6 +39,7 @@ from ccoe_common.engine.errors import (
     ExpertUnavailable,
     InvalidRequest,
 )
+from ccoe_common.engine.openmp import release_openmp_workers
 from ccoe_common.engine.params import GenerationRequest, GenerationResult, Timings, TokenDelta, Usage
 from ccoe_common.engine.sampler import RowSampling, make_generator, sample
 from ccoe_common.engine.scheduler import PrefillChunk, Scheduler, Sequence, StepPlan
@@ -136,6 +137,9 @@ class Engine:
     # ---- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> Engine:
+        # The caller most likely loaded the model: its OpenMP workers would slow every step
+        # (see engine/openmp.py), and it has no more parallel work for them.
+        release_openmp_workers()
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="ccoe-engine", daemon=True)
@@ -270,7 +274,11 @@ class Engine:
     def push(self, source: LoadedExpert | ExpertArtifact | str) -> ExpertKey:
         """Add an expert version while serving. Reading and validating the artifact happen on
         the calling thread; the step loop only ever sees the finished expert appear."""
-        expert = source if isinstance(source, LoadedExpert) else self.model.load(source)
+        if not isinstance(source, LoadedExpert):
+            expert = self.model.load(source)
+            release_openmp_workers()  # the load's copies left workers on this thread
+        else:
+            expert = source
         with self._lock:
             if expert.key in self._draining:
                 raise ExpertUnavailable(f"expert {expert.key} is still draining after a pop; push another version")
@@ -367,6 +375,7 @@ class Engine:
     # ---- the step loop -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        busy = False
         while not self._stopping:
             now = time.monotonic()
             with self._lock:
@@ -375,9 +384,15 @@ class Engine:
             for seq, error in doomed:
                 self._fail(seq, error)
             if plan.empty:
+                if busy:
+                    # An idle engine holds no OpenMP workers, so other threads' kernels (a
+                    # push's load, another engine) do not run oversubscribed meanwhile.
+                    release_openmp_workers()
+                    busy = False
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            busy = True
             try:
                 self._step(plan)
                 # Let the threads that stream results and take new requests run between steps;
