@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ccoe_common.model.attention_batch import AttentionBatch, build_attention_batch
 from ccoe_common.model.config import BackboneConfig
-from ccoe_common.model.layers import DecoderLayer, LayerParts, RMSNorm, Rotary
+from ccoe_common.model.layers import DecoderLayer, LayerParts, Linear, RMSNorm, Rotary
 
 if TYPE_CHECKING:
     from ccoe_common.model.expert import LoadedExpert
@@ -43,7 +43,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, device, dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config, device="cpu" if device is None or str(device) == "meta" else device)
@@ -92,7 +92,9 @@ class Backbone(nn.Module):
             return _run_layer(base, h, batch, i)
 
         def attn(p: LayerParts, x: Tensor, rows: slice | Tensor) -> Tensor:
-            return p.self_attn(p.input_layernorm(x), batch.take(rows), i)
+            # All rows (an ffn expert shares the backbone's attention): no per-row view needed.
+            rows_batch = batch if isinstance(rows, slice) and rows == slice(None) else batch.take(rows)
+            return p.self_attn(p.input_layernorm(x), rows_batch, i)
 
         def mlp(p: LayerParts, x: Tensor, rows: slice | Tensor) -> Tensor:
             return p.mlp(p.post_attention_layernorm(x))

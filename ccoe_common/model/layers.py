@@ -21,6 +21,28 @@ from ccoe_common.model.attention_batch import AttentionBatch
 from ccoe_common.model.config import BackboneConfig, RopeConfig
 
 
+_MV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that multiplies a single half-precision row on the CPU with `torch.mv`.
+
+    Decoding one sequence runs every projection on one row. For bf16 weights on the CPU,
+    `F.linear` takes such a row through a GEMM kernel that streams the weight about 1.5x
+    slower than the matrix-vector kernel (measured on 2 cores: 150 vs 105 us for a 768x2048
+    weight, 1.8 vs 1.1 ms for a 32000x768 LM head); in fp32 and on CUDA both run at the same
+    speed, so only that case changes. Same parameters and state dict as `nn.Linear`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == self.in_features and x.dtype in _MV_DTYPES and x.device.type == "cpu":
+            out = torch.mv(self.weight, x.reshape(-1))
+            if self.bias is not None:
+                out = out + self.bias
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
@@ -83,10 +105,10 @@ class Attention(nn.Module):
         super().__init__()
         d, h, g, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         kw = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(d, h * e, bias=config.qkv_bias, **kw)
-        self.k_proj = nn.Linear(d, g * e, bias=config.qkv_bias, **kw)
-        self.v_proj = nn.Linear(d, g * e, bias=config.qkv_bias, **kw)
-        self.o_proj = nn.Linear(h * e, d, bias=config.o_bias, **kw)
+        self.q_proj = Linear(d, h * e, bias=config.qkv_bias, **kw)
+        self.k_proj = Linear(d, g * e, bias=config.qkv_bias, **kw)
+        self.v_proj = Linear(d, g * e, bias=config.qkv_bias, **kw)
+        self.o_proj = Linear(h * e, d, bias=config.o_bias, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = h, g, e
 
     def forward(self, x: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
@@ -109,9 +131,9 @@ class MLP(nn.Module):
         super().__init__()
         d, i = config.hidden_size, config.intermediate_size
         kw = {"device": device, "dtype": dtype, "bias": config.mlp_bias}
-        self.gate_proj = nn.Linear(d, i, **kw)
-        self.up_proj = nn.Linear(d, i, **kw)
-        self.down_proj = nn.Linear(i, d, **kw)
+        self.gate_proj = Linear(d, i, **kw)
+        self.up_proj = Linear(d, i, **kw)
+        self.down_proj = Linear(i, d, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
