@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class AttentionBatch:
     positions: Tensor  # [B, T] absolute position of each query token
     query_lens: Tensor  # [B] real (non-padding) tokens per row
-    mask: Tensor  # [B, 1, T, K] True where a query may attend to a key
+    mask: Tensor | None  # [B, 1, T, K] True where a query may attend to a key; None: all keys
     cos: Tensor  # [B, T, E]
     sin: Tensor  # [B, T, E]
     cache: KVCache | None = None
@@ -35,6 +35,9 @@ class AttentionBatch:
     key_len: int = 0  # K when a cache is used
     # The first slot when the rows' slots are consecutive (s, s+1, ...): reads need no gather.
     contiguous_from: int | None = None
+    # Where the real tokens go in the cache, [N] each: computed once, used by every layer.
+    write_slots: Tensor | None = None
+    write_positions: Tensor | None = None
 
     def take(self, rows: slice | Tensor) -> AttentionBatch:
         """The same inputs restricted to a subset of rows (a slice or an index tensor)."""
@@ -44,10 +47,11 @@ class AttentionBatch:
             valid = torch.arange(self.positions.shape[1], device=self.positions.device)[None, :] < self.query_lens[row_ids][:, None]
             write_rows, write_cols = valid.nonzero(as_tuple=True)
         slots = None if self.slots is None else self.slots[rows]
+        positions = self.positions[rows]
         return AttentionBatch(
-            positions=self.positions[rows],
+            positions=positions,
             query_lens=self.query_lens[rows],
-            mask=self.mask[rows],
+            mask=None if self.mask is None else self.mask[rows],
             cos=self.cos[rows],
             sin=self.sin[rows],
             cache=self.cache,
@@ -56,6 +60,8 @@ class AttentionBatch:
             write_cols=write_cols,
             key_len=self.key_len,
             contiguous_from=None if slots is None else _consecutive_start(slots),
+            write_slots=None if slots is None else slots[write_rows],
+            write_positions=None if write_rows is None else positions[write_rows, write_cols],
         )
 
 
@@ -84,9 +90,12 @@ def build_attention_batch(
     keys = torch.arange(key_len, device=device)
     allowed = (keys[None, None, :] <= positions[:, :, None]) & (keys[None, None, :] < kv_lens[:, None, None])
     write_rows, write_cols = valid_q.nonzero(as_tuple=True)
+    # One sequence decoding one token sees every key in its slot: no mask, and attention
+    # takes its unmasked kernel.
+    mask = None if b == 1 and t == 1 else allowed[:, None]
     return AttentionBatch(
-        positions, query_lens, allowed[:, None], cos, sin, cache, slots, write_rows, write_cols, key_len,
-        _consecutive_start(slots),
+        positions, query_lens, mask, cos, sin, cache, slots, write_rows, write_cols, key_len,
+        _consecutive_start(slots), slots[write_rows], positions[write_rows, write_cols],
     )
 
 

@@ -41,10 +41,14 @@ class KVCache:
         k, v: [B, G, T, E] -> [B, G, K, E] with K = batch.key_len.
         """
         slots, rows, cols = batch.slots, batch.write_rows, batch.write_cols
-        pos = batch.positions[rows, cols]
+        to_slots, to_pos = batch.write_slots, batch.write_positions
+        if k.shape[2] == 1 and len(rows) == k.shape[0]:  # decode: every row writes its only token
+            k_new, v_new = k[:, :, 0], v[:, :, 0]
+        else:
+            k_new, v_new = k[rows, :, cols], v[rows, :, cols]
         # Advanced indices around a slice put the indexed dim first: targets are [N, G, E].
-        self.k[layer][slots[rows], :, pos] = k[rows, :, cols]
-        self.v[layer][slots[rows], :, pos] = v[rows, :, cols]
+        self.k[layer][to_slots, :, to_pos] = k_new
+        self.v[layer][to_slots, :, to_pos] = v_new
         first = batch.contiguous_from
         if first is not None:
             # Slots first, first+1, ...: a view, no copy of the keys and values.

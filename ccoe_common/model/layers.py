@@ -36,9 +36,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == self.in_features and x.dtype in _MV_DTYPES and x.device.type == "cpu":
-            out = torch.mv(self.weight, x.reshape(-1))
-            if self.bias is not None:
-                out = out + self.bias
+            flat = x.reshape(-1)
+            out = torch.mv(self.weight, flat) if self.bias is None else torch.addmv(self.bias, self.weight, flat)
             return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -136,7 +135,32 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, d, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > 1 and x.dtype in _MV_DTYPES and x.device.type == "cpu":
+            return _transposed_mlp(self, x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _transposed_mlp(mlp: MLP, x: Tensor) -> Tensor:
+    """The same MLP computed on x^T: [D, M] -> [I, M] -> [D, M] (M = rows).
+
+    For several half-precision rows on the CPU, `W @ x^T` (the weight as the row-major left
+    operand) runs ~1.8x faster than `x @ W^T` (measured on 2 cores, bf16, 768x2048: 261 vs
+    463 us at 64 rows, 119 vs 252 us at 13). The intermediate activations stay transposed, so
+    nothing is copied to get there; the result is a transposed view the residual add reads.
+    """
+    xt = x.reshape(-1, x.shape[-1]).t()  # [D, M]
+    gate = _weight_times(mlp.gate_proj, xt)  # [I, M]
+    up = _weight_times(mlp.up_proj, xt)
+    out = _weight_times(mlp.down_proj, F.silu(gate) * up)  # [D, M]
+    return out.t().view(x.shape)
+
+
+def _weight_times(linear: nn.Linear, xt: Tensor) -> Tensor:
+    """linear applied to the columns of xt: [in, M] -> [out, M]."""
+    if linear.bias is None:
+        return linear.weight @ xt
+    return torch.addmm(linear.bias[:, None], linear.weight, xt)
 
 
 class DecoderLayer(nn.Module):

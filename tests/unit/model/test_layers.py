@@ -1,12 +1,14 @@
-"""The one-row matrix-vector path of `Linear`."""
+"""The CPU fast paths: one row through `torch.mv`, several bf16 rows through a transposed MLP."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ccoe_common.model.layers import Linear
+from ccoe_common.model.layers import MLP, Linear
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -15,10 +17,11 @@ def test_one_bf16_row_matches_f_linear(bias, shape, monkeypatch):
     torch.manual_seed(0)
     layer = Linear(64, 96, bias=bias, dtype=torch.bfloat16)
     x = torch.randn(shape, dtype=torch.bfloat16)
-    real_mv, mv_calls = torch.mv, []
-    monkeypatch.setattr(torch, "mv", lambda *a: mv_calls.append(1) or real_mv(*a))
+    real_mv, real_addmv, mv_calls = torch.mv, torch.addmv, []
+    monkeypatch.setattr(torch, "mv", lambda *a: mv_calls.append("mv") or real_mv(*a))
+    monkeypatch.setattr(torch, "addmv", lambda *a: mv_calls.append("addmv") or real_addmv(*a))
     got = layer(x)
-    assert mv_calls == [1], "a single bf16 row on the CPU should take the matrix-vector kernel"
+    assert mv_calls == ["addmv" if bias else "mv"], "one bf16 row on the CPU should take the matrix-vector kernel"
     want = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
     assert got.shape == (*shape[:-1], 96) and got.dtype == torch.bfloat16
     # Same product, another kernel: equal up to bf16 rounding of the result.
@@ -26,7 +29,8 @@ def test_one_bf16_row_matches_f_linear(bias, shape, monkeypatch):
 
 
 def test_other_inputs_take_f_linear_exactly(monkeypatch):
-    monkeypatch.setattr(torch, "mv", lambda *a: pytest.fail("only one half-precision row takes torch.mv"))
+    for name in ("mv", "addmv"):
+        monkeypatch.setattr(torch, name, lambda *a: pytest.fail("only one half-precision row takes torch.mv"))
     torch.manual_seed(0)
     half = Linear(64, 96, dtype=torch.bfloat16)
     rows = torch.randn(3, 64, dtype=torch.bfloat16)
@@ -42,3 +46,37 @@ def test_gradients_flow_through_the_matrix_vector_path():
     layer(x).float().sum().backward()
     assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
     assert layer.weight.grad.shape == (8, 16)
+
+
+def _mlp(dtype: torch.dtype, bias: bool) -> MLP:
+    config = SimpleNamespace(hidden_size=64, intermediate_size=160, mlp_bias=bias)  # all MLP reads
+    torch.manual_seed(0)
+    mlp = MLP(config, dtype=dtype)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return mlp
+
+
+def _reference(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    def lin(m: torch.nn.Linear, v: torch.Tensor) -> torch.Tensor:
+        return F.linear(v, m.weight.float(), None if m.bias is None else m.bias.float())
+    xf = x.float()
+    return lin(mlp.down_proj, F.silu(lin(mlp.gate_proj, xf)) * lin(mlp.up_proj, xf))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_several_bf16_rows_take_the_transposed_mlp(bias, monkeypatch):
+    mlp = _mlp(torch.bfloat16, bias)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    want = _reference(mlp, x)
+    monkeypatch.setattr(F, "linear", lambda *a: pytest.fail("the transposed path multiplies W @ x^T itself"))
+    got = mlp(x)
+    assert got.shape == x.shape and got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, atol=0.03, rtol=0.03)
+
+
+def test_fp32_mlp_is_the_plain_one():
+    mlp = _mlp(torch.float32, True)
+    x = torch.randn(3, 5, 64)
+    want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert torch.equal(mlp(x), want)
