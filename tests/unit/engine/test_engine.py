@@ -16,6 +16,7 @@ from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.engine.templates import render_alpaca, render_chat
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model import CCoEModel, Placement
+from ccoe_common.model import backbone as backbone_module
 from ccoe_common.model.generate import greedy_generate
 from tests.helpers import nudge
 
@@ -290,3 +291,25 @@ def test_bfloat16_engine_matches_bfloat16_reference(deep_qwen2_dir):
     with Engine(model, EngineConfig(max_seq_len=64, max_running=2, max_batched_tokens=8, prefill_chunk=4)) as eng:
         got = eng.complete_sync(GenerationRequest(prompt_ids=[5, 6, 7, 8, 9], sampling=greedy(10)), timeout=60)
     assert got.token_ids == solo(model, [5, 6, 7, 8, 9], 10)
+
+
+def test_compiled_layers_give_the_eager_tokens(model):
+    """EngineConfig(compile=True): the same greedy tokens as eager, for rows on the bare
+    backbone and on experts (whose mixed layers stay eager), alone and batched."""
+    cases = [([5, 6, 7, 8, 9], None, 8), (list(range(20, 33)), "math", 8), ([40, 41, 42], "law", 6),
+             ([7, 7, 7, 7], None, 5)]
+    expected = [solo(model, p, n, e) for p, e, n in cases]
+    config = EngineConfig(max_seq_len=64, max_running=4, max_batched_tokens=32, prefill_chunk=16, compile=True)
+    with Engine(model, config) as eng:
+        assert model.backbone._layer_fn is not backbone_module._run_layer
+        alone = eng.complete_sync(GenerationRequest(prompt_ids=cases[0][0], sampling=greedy(cases[0][2])),
+                                  timeout=600)
+
+        async def run():
+            return await asyncio.gather(*(eng.complete(GenerationRequest(prompt_ids=p, expert=e, sampling=greedy(n)))
+                                          for p, e, n in cases))
+
+        batched = asyncio.run(run())
+    assert alone.token_ids == expected[0]
+    for (p, e, n), res, exp in zip(cases, batched, expected):
+        assert res.token_ids == exp, (e, p[:3])
