@@ -277,14 +277,22 @@ class Engine:
 
     # ---- experts -------------------------------------------------------------------------
 
+    def load(self, source: ExpertArtifact | str) -> LoadedExpert:
+        """Read and check an artifact on the calling thread, without serving it (`push` it next).
+
+        Use this rather than `model.load` from other threads: the load's copies leave
+        OpenMP workers on the calling thread, which slow every later step (engine/openmp.py),
+        so they are released here.
+        """
+        try:
+            return self.model.load(source)
+        finally:
+            release_openmp_workers()
+
     def push(self, source: LoadedExpert | ExpertArtifact | str) -> ExpertKey:
         """Add an expert version while serving. Reading and validating the artifact happen on
         the calling thread; the step loop only ever sees the finished expert appear."""
-        if not isinstance(source, LoadedExpert):
-            expert = self.model.load(source)
-            release_openmp_workers()  # the load's copies left workers on this thread
-        else:
-            expert = source
+        expert = source if isinstance(source, LoadedExpert) else self.load(source)
         with self._lock:
             if expert.key in self._draining:
                 raise ExpertUnavailable(f"expert {expert.key} is still draining after a pop; push another version")

@@ -116,7 +116,7 @@ class ReplicaFollower:
 
     async def load(self, key: ExpertKey, uri: str) -> None:
         started = time.monotonic()
-        expert = await asyncio.to_thread(self.engine.model.load, uri)
+        expert = await asyncio.to_thread(self.engine.load, uri)
         if expert.key != key:
             raise ValueError(f"artifact {uri} holds {expert.key}, the registry expected {key}")
         self.engine.push(expert)

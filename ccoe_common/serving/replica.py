@@ -33,6 +33,8 @@ class ReplicaRuntime:
         # The engine thread holds the GIL for most of a step; a shorter switch interval keeps
         # this process's event loop (streams out, cancels in, Ray's health probes) responsive.
         sys.setswitchinterval(0.0005)
+        # Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPU; the engine thread inherits this.
+        torch.set_num_threads(rc.threads)
         model = CCoEModel.from_pretrained(config.backbone, dtype=_DTYPES[rc.dtype], device=device,
                                           budget_fraction=rc.budget_fraction)
         for uri in config.experts if load_config_experts else ():
@@ -93,7 +95,7 @@ class ReplicaRuntime:
         """Load and check an artifact against this backbone without serving it: None if it
         would load, else the reason (checksum, fingerprint, shapes, budget...)."""
         try:
-            self.engine.model.load(uri)
+            self.engine.load(uri)
         except Exception as e:  # noqa: BLE001 - every refusal is reported by message
             return f"{type(e).__name__}: {e}"
         return None
@@ -108,7 +110,8 @@ class ReplicaRuntime:
         return {"running": s.running, "waiting": s.waiting, "free_slots": s.free_slots, "steps": s.steps,
                 "generated_tokens": s.generated_tokens, "resident": s.resident, "draining": s.draining,
                 "kv_cache_bytes": s.kv_cache_bytes,
-                "backbone_bytes": self.engine.model.memory_report().backbone_bytes}
+                "backbone_bytes": self.engine.model.memory_report().backbone_bytes,
+                "torch_threads": torch.get_num_threads()}
 
     def healthy(self) -> bool:
         return self.engine.alive
