@@ -33,7 +33,19 @@ class ReplicaConfig(BaseModel):
     device: str | None = Field(None, description="torch device; default cuda when num_gpus > 0, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
     budget_fraction: float = Field(0.15, gt=0, le=1, description="Largest expert as a fraction of the backbone.")
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch threads per replica; default num_cpus, or every CPU of the machine when "
+                                         "num_cpus is 0 (Ray alone would give such a replica one thread).")
     engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @property
+    def threads(self) -> int:
+        """The torch thread count a replica runs with, e.g. 8 for num_cpus=8."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        if self.num_cpus >= 1:
+            return int(self.num_cpus)
+        return os.cpu_count() or 1
 
 
 class RouterConfig(BaseModel):

@@ -57,7 +57,9 @@ class LocalStack:
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace=APP_NAME,
                      logging_level=logging.WARNING, log_to_driver=False,
                      _metrics_export_port=self.metrics_port,
-                     _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS})
+                     # Ray nices its worker processes to 15; here they are the job (replicas,
+                     # proxy, router), so they must not lose the cores to Ray's own daemons.
+                     _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS, "worker_niceness": 0})
         serve.start(
             http_options={"host": "127.0.0.1", "port": free_port()},
             grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),

@@ -259,6 +259,11 @@ def test_rules_reload_without_restart_and_bad_edits_are_refused(stack, stub):
     stack.rules_path.write_text(RULES_V1)
 
 
+def test_replica_runs_torch_on_every_cpu_despite_ray(stack):
+    """Ray gives an actor with num_cpus=0 OMP_NUM_THREADS=1; the replica sets its own threads."""
+    assert replica_stats()["torch_threads"] == (os.cpu_count() or 1)
+
+
 def test_health_and_reflection(channel):
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
