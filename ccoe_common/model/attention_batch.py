@@ -38,6 +38,18 @@ class AttentionBatch:
     # Where the real tokens go in the cache, [N] each: computed once, used by every layer.
     write_slots: Tensor | None = None
     write_positions: Tensor | None = None
+    # Decode rows whose slots are consecutive once sorted (rows grouped by expert shuffle
+    # them): attention reads the cache in slot order and reorders the few query rows
+    # instead of gathering every row's keys. kv_order[j] is the row of the j-th slot.
+    kv_order: Tensor | None = None
+    kv_unorder: Tensor | None = None  # inverse of kv_order
+    kv_mask: Tensor | None = None  # mask rows in slot order
+
+    def attention_order(self) -> tuple[Tensor | None, Tensor | None]:
+        """(row order the cache read returns, mask in that order); order None = as the rows."""
+        if self.kv_order is None:
+            return None, self.mask
+        return self.kv_order, self.kv_mask
 
     def take(self, rows: slice | Tensor) -> AttentionBatch:
         """The same inputs restricted to a subset of rows (a slice or an index tensor)."""
@@ -62,7 +74,7 @@ class AttentionBatch:
             contiguous_from=None if slots is None else _consecutive_start(slots),
             write_slots=None if slots is None else slots[write_rows],
             write_positions=None if write_rows is None else positions[write_rows, write_cols],
-        )
+        )  # a subset reads by gather or view; only whole decode batches reorder (kv_order)
 
 
 def build_attention_batch(
@@ -93,9 +105,18 @@ def build_attention_batch(
     # One sequence decoding one token sees every key in its slot: no mask, and attention
     # takes its unmasked kernel.
     mask = None if b == 1 and t == 1 else allowed[:, None]
+    first = _consecutive_start(slots)
+    kv_order = kv_unorder = kv_mask = None
+    if first is None and t == 1:
+        # Reordering B query rows costs far less than gathering B rows of keys and values.
+        sorted_slots, order = slots.sort()
+        start = _consecutive_start(sorted_slots)
+        if start is not None:
+            first, kv_order, kv_unorder = start, order, order.argsort()
+            kv_mask = None if mask is None else mask[order]
     return AttentionBatch(
         positions, query_lens, mask, cos, sin, cache, slots, write_rows, write_cols, key_len,
-        _consecutive_start(slots), slots[write_rows], positions[write_rows, write_cols],
+        first, slots[write_rows], positions[write_rows, write_cols], kv_order, kv_unorder, kv_mask,
     )
 
 

@@ -38,7 +38,8 @@ class KVCache:
     def write_and_read(self, layer: int, k: Tensor, v: Tensor, batch: AttentionBatch) -> tuple[Tensor, Tensor]:
         """Store this forward's keys/values, return each row's keys/values so far.
 
-        k, v: [B, G, T, E] -> [B, G, K, E] with K = batch.key_len.
+        k, v: [B, G, T, E] -> [B, G, K, E] with K = batch.key_len; rows in the batch's order,
+        or in slot order when `batch.kv_order` is set (the caller reorders its queries).
         """
         slots, rows, cols = batch.slots, batch.write_rows, batch.write_cols
         to_slots, to_pos = batch.write_slots, batch.write_positions

@@ -119,9 +119,14 @@ class Attention(nn.Module):
         k = apply_rotary(k, batch.cos, batch.sin)
         if batch.cache is not None:
             k, v = batch.cache.write_and_read(layer, k, v, batch)  # [B, G, K, E]
+        order, mask = batch.attention_order()
+        if order is not None:  # the cache returned the rows in slot order
+            q = q[order]
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=batch.mask, enable_gqa=self.num_heads != self.num_kv_heads
+            q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
         )  # [B, H, T, E]
+        if order is not None:
+            out = out[batch.kv_unorder]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 

@@ -67,6 +67,31 @@ def test_incremental_decoding_with_cache_matches_full_forward(loaded):
     assert (stepped - full).abs().max().item() <= ATOL
 
 
+@pytest.mark.parametrize("slots", [[2, 0, 3, 1], [5, 9, 1, 7]], ids=["shuffled-range", "scattered"])
+def test_decode_rows_in_any_slot_order_match_full_forward(loaded, slots):
+    """Decode rows whose slots form a shuffled range read the cache as one view in slot
+    order (queries reordered); scattered slots gather. Both give the full forward's logits."""
+    from ccoe_common.model.attention_batch import build_attention_batch
+
+    _, ours = loaded["qwen2-gqa-bias"]
+    ids = torch.randint(3, 500, (4, 12), generator=torch.Generator().manual_seed(3))
+    lens = [12, 7, 10, 9]  # each row's own length: right-padded prefill, then one decode step
+    slot_t = torch.tensor(slots)
+    with torch.no_grad():
+        cache = KVCache(ours.config, num_slots=10, max_seq_len=16, dtype=torch.float32)
+        ours.forward(ids[:, :11], [None] * 4, query_lens=torch.tensor(lens) - 1, cache=cache, slots=slot_t)
+        last = torch.tensor([[ids[r, n - 1]] for r, n in enumerate(lens)])
+        pos = torch.tensor([[n - 1] for n in lens])
+        stepped = ours.forward(last, [None] * 4, positions=pos, cache=cache, slots=slot_t,
+                               logits_at=torch.zeros(4, dtype=torch.long))
+        cos, sin = ours.backbone.rotary(pos, torch.float32)
+        batch = build_attention_batch(pos, torch.ones(4, dtype=torch.long), cos, sin, cache, slot_t)
+        for r, n in enumerate(lens):
+            full = ours.forward(ids[r:r + 1, :n], [None])[0, -1]
+            assert (stepped[r] - full).abs().max().item() <= ATOL
+    assert (batch.kv_order is not None) == (sorted(slots) == list(range(min(slots), min(slots) + 4)))
+
+
 def test_parameter_count_matches_transformers(loaded):
     for hf, ours in loaded.values():
         assert ours.info.parameter_count == sum(p.numel() for p in hf.parameters())
