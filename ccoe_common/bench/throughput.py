@@ -25,7 +25,7 @@ Workload B, "batched": all requests of a batch spread over the 5 domains.
 The machine is shared and noisy, so the systems' rounds are interleaved (the order rotates
 every round) and each system's rate is the median of its per-round rates.
 
-    ccoe bench throughput              # the 159M-parameter "150m" shape, bf16, ~7 minutes on 2 cores
+    ccoe bench throughput              # the 159M-parameter "150m" shape, bf16, ~4 minutes on 2 cores
     ccoe bench throughput --quick      # smaller workloads, < 5 minutes on 2 cores
     ccoe bench throughput --shape 0.5b # Qwen2-0.5B's shape: needs more than 24 GB (see docs/benchmarks.md)
     ccoe bench throughput --shape tiny --seq-rounds 1 --batch-requests 5 --json
