@@ -17,7 +17,8 @@ experts, and its own pool whenever it goes idle; benchmarks release the main thr
 after each system that ran there. Releasing is cheap: the next parallel kernel on that
 thread re-creates its workers (one `pthread_create` each).
 
-Where PyTorch is not built on libgomp (macOS, LLVM OpenMP builds) the function does nothing.
+`omp_pause_resource_all` is standard OpenMP 5.0; where the runtime torch uses lacks it, the
+function does nothing.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the threads, keep the runtime i
 
 @cache
 def _pause_function() -> Any | None:
-    # torch's wheels ship libgomp in torch/lib and load it globally; look there first by
-    # symbol, then by file, so an unrelated libgomp in the process is not picked by name.
+    # The runtime torch loaded is already in the process: look the symbol up there first,
+    # then in the libgomp that torch's Linux wheels ship in torch/lib.
     try:
         return ctypes.CDLL(None).omp_pause_resource_all
     except (AttributeError, OSError):

@@ -30,8 +30,8 @@ class Linear(nn.Linear):
     Decoding one sequence runs every projection on one row. For bf16 weights on the CPU,
     `F.linear` takes such a row through a GEMM kernel that streams the weight about 1.5x
     slower than the matrix-vector kernel (measured on 2 cores: 150 vs 105 us for a 768x2048
-    weight, 1.8 vs 1.1 ms for a 32000x768 LM head); in fp32 and on CUDA both run at the same
-    speed, so only that case changes. Same parameters and state dict as `nn.Linear`.
+    weight, 1.8 vs 1.1 ms for a 32000x768 LM head). In fp32 both run at the same speed, and
+    CUDA (not measured here) keeps `F.linear`. Same parameters and state dict as `nn.Linear`.
     """
 
     def forward(self, x: Tensor) -> Tensor:
