@@ -51,11 +51,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 and cast back before scaling, exactly as transformers does.
-        in_dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(in_dtype)
+        # transformers normalises in fp32, casts back, then scales; `F.rms_norm` without a
+        # weight does the first two in one kernel (fp32 inside, same bits: tested), which
+        # saves ~6 us of small ops per norm when decoding one row.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
@@ -143,9 +142,16 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > 1 and _half_on_cpu(x):
+        if 1 < rows <= TRANSPOSED_MLP_MAX_ROWS and _half_on_cpu(x):
             return _transposed_mlp(self, x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# Above this many rows the plain MLP is faster again: the transposed GEMMs lose their edge
+# and the residual add reads the transposed output with a large stride. Measured on 2 cores,
+# bf16, 22 layers of 768x2048 MLPs plus the residual add: 64 rows 18 vs 26 ms (transposed vs
+# plain), 256 rows 42 vs 52, 384 rows 67 vs 63, 2048 rows (a prefill step) 399 vs 257.
+TRANSPOSED_MLP_MAX_ROWS = 256
 
 
 def _transposed_mlp(mlp: MLP, x: Tensor) -> Tensor:

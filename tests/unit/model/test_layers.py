@@ -1,4 +1,4 @@
-"""The CPU fast paths: one row through `torch.mv`, several bf16 rows through a transposed MLP."""
+"""The CPU fast paths: one row through `torch.mv`, up to 256 bf16 rows through a transposed MLP."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccoe_common.model.layers import MLP, Linear
+from ccoe_common.model import layers
+from ccoe_common.model.layers import MLP, TRANSPOSED_MLP_MAX_ROWS, Linear, RMSNorm
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -80,3 +81,25 @@ def test_fp32_mlp_is_the_plain_one():
     x = torch.randn(3, 5, 64)
     want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
     assert torch.equal(mlp(x), want)
+
+
+def test_a_prefill_sized_bf16_batch_takes_the_plain_mlp(monkeypatch):
+    mlp = _mlp(torch.bfloat16, False)
+    x = torch.randn(2, TRANSPOSED_MLP_MAX_ROWS, 64, dtype=torch.bfloat16)  # above the limit
+    want = _reference(mlp, x)
+    monkeypatch.setattr(layers, "_transposed_mlp", lambda *a: pytest.fail("too many rows for the transposed path"))
+    got = mlp(x)
+    assert got.shape == x.shape
+    assert torch.allclose(got.float(), want, atol=0.03, rtol=0.03)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_rms_norm_has_the_bits_of_the_transformers_formula(dtype, rows):
+    torch.manual_seed(rows)
+    norm = RMSNorm(96, 1e-6, dtype=dtype)
+    torch.nn.init.normal_(norm.weight)
+    x = (torch.randn(rows, 96) * torch.logspace(-3, 3, rows)[:, None]).to(dtype)
+    x32 = x.to(torch.float32)
+    want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert torch.equal(norm(x), want)
