@@ -1,4 +1,5 @@
-"""The CPU fast paths: one row through `torch.mv`, up to 256 bf16 rows through a transposed MLP."""
+"""Fast paths in the layers: one row through `torch.mv`, up to 256 bf16 rows through a transposed MLP,
+decoding attention with the shared heads folded into query rows, RMSNorm in one kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ccoe_common.model import layers
-from ccoe_common.model.layers import MLP, TRANSPOSED_MLP_MAX_ROWS, Linear, RMSNorm
+from ccoe_common.model.layers import MLP, TRANSPOSED_MLP_MAX_ROWS, Attention, Linear, RMSNorm
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -103,3 +104,21 @@ def test_rms_norm_has_the_bits_of_the_transformers_formula(dtype, rows):
     x32 = x.to(torch.float32)
     want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
     assert torch.equal(norm(x), want)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_folds_shared_heads_into_query_rows(masked, monkeypatch):
+    torch.manual_seed(0)
+    config = SimpleNamespace(hidden_size=48, num_heads=6, num_kv_heads=2, head_dim=8, qkv_bias=False, o_bias=False)
+    attn = Attention(config)
+    b, keys = 5, 11
+    q, k, v = torch.randn(b, 6, 1, 8), torch.randn(b, 2, keys, 8), torch.randn(b, 2, keys, 8)
+    mask = (torch.arange(keys)[None] < torch.tensor([11, 3, 7, 1, 9])[:, None])[:, None, None, :] if masked else None
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    shapes = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: shapes.append(q.shape) or real(q, *a, **kw))
+    got = attn._attend(q, k, v, mask)
+    assert shapes == [(b, 2, 3, 8)], "one query row per head of a key/value group"
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-6)
