@@ -124,6 +124,12 @@ def check_tensors_match_manifest(subject: str, manifest: ExpertManifest, tensors
         raise ParameterCountMismatch(subject, "parameter_count", manifest.parameter_count, count)
 
 
+def _standalone(t: Tensor) -> Tensor:
+    # safetensors refuses tensors that share memory, e.g. a model's stacked q/k/v projections
+    # (model/packing.py), which are row blocks of one tensor: write a copy of those.
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+
+
 def write_artifact(
     uri: str,
     tensors: dict[str, Tensor],
@@ -142,7 +148,7 @@ def write_artifact(
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1:
         raise ValueError(f"expert {name!r}: all tensors must share one dtype, found {sorted(map(str, dtypes))}")
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
+    cpu = {k: _standalone(v.detach().to("cpu").contiguous()) for k, v in sorted(tensors.items())}
     data = st_save(cpu)
     fields: dict[str, Any] = dict(
         name=name,

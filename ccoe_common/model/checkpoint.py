@@ -24,6 +24,7 @@ from safetensors import safe_open
 from ccoe_common.experts.manifest import BaseModelRef
 from ccoe_common.model.backbone import Backbone
 from ccoe_common.model.config import BackboneConfig, BackboneConfigError
+from ccoe_common.model.layers import stack_projections
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def load_backbone(
     if missing:
         raise BackboneConfigError(f"checkpoint {path} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
+    stack_projections(model)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.to(device)

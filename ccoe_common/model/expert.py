@@ -30,7 +30,7 @@ from ccoe_common.experts.reference import NAME_RE, ExpertKey
 from ccoe_common.model.backbone import Backbone
 from ccoe_common.model.checkpoint import BackboneInfo
 from ccoe_common.model.kinds import KINDS, ExpertKind, get_kind
-from ccoe_common.model.layers import LayerParts
+from ccoe_common.model.layers import LayerParts, stack_projections
 from ccoe_common.model.placement import Placement, PlacementError, strategy_layers
 
 DEFAULT_BUDGET_FRACTION = 0.15
@@ -182,7 +182,7 @@ def carve_expert(
         raise ValueError(f"expert name {name!r} must match {NAME_RE.pattern}")
     k = get_kind(kind)
     layers = resolve_layers(backbone, info, k, placement or Placement(), budget_fraction)
-    modules = {i: copy.deepcopy(backbone.get_submodule(k.module_path(i))) for i in layers}
+    modules = {i: stack_projections(copy.deepcopy(backbone.get_submodule(k.module_path(i)))) for i in layers}
     expert = LoadedExpert(ExpertKey(name, version), k, layers, modules, domains=domains, description=description)
     check_budget(f"expert {name!r}", expert.parameter_count, info, budget_fraction)
     return expert
@@ -231,6 +231,7 @@ def expert_from_artifact(artifact: ExpertArtifact, backbone: Backbone, info: Bac
         sd = {k[len(prefix):]: v.to(device=backbone.device, dtype=backbone.dtype)
               for k, v in artifact.tensors.items() if k.startswith(prefix)}
         module.load_state_dict(sd, strict=True, assign=True)
+        stack_projections(module)
         module.requires_grad_(False)
         modules[layer] = module.eval()
     return LoadedExpert(m.key, kind, tuple(m.layers), modules, domains=m.domains,

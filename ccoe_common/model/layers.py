@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ccoe_common.model.attention_batch import AttentionBatch
 from ccoe_common.model.config import BackboneConfig, RopeConfig
+from ccoe_common.model.packing import RowStack, stack_rows
 
 
 def _half_on_cpu(x: Tensor) -> bool:
@@ -37,11 +38,16 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() == self.in_features and _half_on_cpu(x):
-            flat = x.reshape(-1)
-            out = torch.mv(self.weight, flat) if self.bias is None else torch.addmv(self.bias, self.weight, flat)
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear`, with a single half-precision row on the CPU through `torch.mv` (see Linear)."""
+    if x.numel() == weight.shape[1] and _half_on_cpu(x):
+        flat = x.reshape(-1)
+        out = torch.mv(weight, flat) if bias is None else torch.addmv(bias, weight, flat)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 class RMSNorm(nn.Module):
@@ -110,14 +116,26 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, g * e, bias=config.qkv_bias, **kw)
         self.o_proj = Linear(h * e, d, bias=config.o_bias, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = h, g, e
+        self._qkv: RowStack | None = None  # set by stack()
+
+    def stack(self) -> None:
+        """Store q, k and v in one tensor (packing.py): one kernel computes all three."""
+        self._qkv = stack_rows((self.q_proj, self.k_proj, self.v_proj))
 
     def forward(self, x: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, E]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, E]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, batch.cos, batch.sin)
-        k = apply_rotary(k, batch.cos, batch.sin)
+        h, g, e = self.num_heads, self.num_kv_heads, self.head_dim
+        stacked = None if self._qkv is None else self._qkv.view((self.q_proj, self.k_proj, self.v_proj))
+        if stacked is not None:
+            qkv = linear(x, *stacked).view(b, t, h + 2 * g, e).transpose(1, 2)  # [B, H+2G, T, E]
+            qk = apply_rotary(qkv[:, : h + g], batch.cos, batch.sin)  # q and k heads in one call
+            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + g:]
+        else:
+            q = self.q_proj(x).view(b, t, h, e).transpose(1, 2)  # [B, H, T, E]
+            k = self.k_proj(x).view(b, t, g, e).transpose(1, 2)  # [B, G, T, E]
+            v = self.v_proj(x).view(b, t, g, e).transpose(1, 2)
+            q = apply_rotary(q, batch.cos, batch.sin)
+            k = apply_rotary(k, batch.cos, batch.sin)
         if batch.cache is not None:
             k, v = batch.cache.write_and_read(layer, k, v, batch)  # [B, G, K, E]
         order, mask = batch.attention_order()
@@ -126,7 +144,7 @@ class Attention(nn.Module):
         out = self._attend(q, k, v, mask)  # [B, H, T, E]
         if order is not None:
             out = out[batch.kv_unorder]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * e))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         # q: [B, H, T, E]; k, v: [B, G, K, E]; mask: [B, 1, T, K] or None
@@ -180,11 +198,19 @@ def _transposed_mlp(mlp: MLP, x: Tensor) -> Tensor:
     return out.t().view(x.shape)
 
 
-def _weight_times(linear: nn.Linear, xt: Tensor) -> Tensor:
-    """linear applied to the columns of xt: [in, M] -> [out, M]."""
-    if linear.bias is None:
-        return linear.weight @ xt
-    return torch.addmm(linear.bias[:, None], linear.weight, xt)
+def _weight_times(lin: nn.Linear, xt: Tensor) -> Tensor:
+    """lin applied to the columns of xt: [in, M] -> [out, M]."""
+    if lin.bias is None:
+        return lin.weight @ xt
+    return torch.addmm(lin.bias[:, None], lin.weight, xt)
+
+
+def stack_projections(module: nn.Module) -> nn.Module:
+    """Stack q/k/v of every attention inside `module` (packing.py); returns `module`."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.stack()
+    return module
 
 
 class DecoderLayer(nn.Module):
