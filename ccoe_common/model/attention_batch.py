@@ -25,8 +25,8 @@ class AttentionBatch:
     positions: Tensor  # [B, T] absolute position of each query token
     query_lens: Tensor  # [B] real (non-padding) tokens per row
     mask: Tensor | None  # [B, 1, T, K] True where a query may attend to a key; None: all keys
-    cos: Tensor  # [B, T, E]
-    sin: Tensor  # [B, T, E]
+    cos: Tensor  # [B, 1, T, E] rotary tables from layers.Rotary
+    sin: Tensor  # [B, 1, T, E] (first half negated: see layers.apply_rotary)
     cache: KVCache | None = None
     slots: Tensor | None = None  # [B] cache slot of each row
     # Flat coordinates of the real tokens, used to write them into the cache: [N] each.

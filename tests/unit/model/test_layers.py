@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ccoe_common.model import layers
-from ccoe_common.model.layers import MLP, TRANSPOSED_MLP_MAX_ROWS, Attention, Linear, RMSNorm
+from ccoe_common.model.layers import MLP, TRANSPOSED_MLP_MAX_ROWS, Attention, Linear, RMSNorm, Rotary, apply_rotary
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -122,3 +122,17 @@ def test_decode_attention_folds_shared_heads_into_query_rows(masked, monkeypatch
     assert shapes == [(b, 2, 3, 8)], "one query row per head of a key/value group"
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_has_the_bits_of_the_transformers_formula(dtype):
+    config = SimpleNamespace(rope=SimpleNamespace(type="default", theta=10000.0, params={}), head_dim=16)
+    rotary = Rotary(config)
+    positions = torch.tensor([[0, 1, 2], [7, 30, 500]])
+    x = torch.randn(2, 3, 5, 16).to(dtype).transpose(1, 2)  # [B, heads, T, E] as a strided view
+    cos, sin = rotary(positions, dtype)
+    freqs = positions.float()[..., None] * rotary.inv_freq
+    emb = torch.cat((freqs, freqs), -1)
+    ref_cos, ref_sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    rotate_half = torch.cat((-x[..., 8:], x[..., :8]), -1)
+    assert torch.equal(apply_rotary(x, cos, sin), x * ref_cos + rotate_half * ref_sin)
