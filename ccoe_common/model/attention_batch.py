@@ -44,6 +44,10 @@ class AttentionBatch:
     kv_order: Tensor | None = None
     kv_unorder: Tensor | None = None  # inverse of kv_order
     kv_mask: Tensor | None = None  # mask rows in slot order
+    # Every row's queries are positions 0..T-1 and its keys exactly those tokens: plain
+    # causal attention, which the kernels run without a mask and without the masked-out
+    # half of the work (mask is then None).
+    causal: bool = False
 
     def attention_order(self) -> tuple[Tensor | None, Tensor | None]:
         """(row order the cache read returns, mask in that order); order None = as the rows."""
@@ -74,6 +78,7 @@ class AttentionBatch:
             contiguous_from=None if slots is None else _consecutive_start(slots),
             write_slots=None if slots is None else slots[write_rows],
             write_positions=None if write_rows is None else positions[write_rows, write_cols],
+            causal=self.causal,
         )  # a subset reads by gather or view; only whole decode batches reorder (kv_order)
 
 
@@ -89,10 +94,13 @@ def build_attention_batch(
     device = positions.device
     cols = torch.arange(t, device=device)
     valid_q = cols[None, :] < query_lens[:, None]  # [B, T]
+    # Whole prompts from position 0, no padding (a prefill step of fresh requests, training):
+    # the keys are exactly the queries, so the mask would be the plain causal one.
+    causal = t > 1 and bool((query_lens == t).all()) and bool((positions == cols).all())
     if cache is None:
         # Keys are this forward's own tokens: causal by position, padding never attended.
         allowed = (positions[:, None, :] <= positions[:, :, None]) & valid_q[:, None, :]
-        return AttentionBatch(positions, query_lens, allowed[:, None], cos, sin)
+        return AttentionBatch(positions, query_lens, None if causal else allowed[:, None], cos, sin, causal=causal)
     if slots is None:
         raise ValueError("a KV cache needs the slot of every row")
     kv_lens = positions[:, 0] + query_lens  # [B] tokens in each slot after this forward
@@ -104,7 +112,7 @@ def build_attention_batch(
     write_rows, write_cols = valid_q.nonzero(as_tuple=True)
     # One sequence decoding one token sees every key in its slot: no mask, and attention
     # takes its unmasked kernel.
-    mask = None if b == 1 and t == 1 else allowed[:, None]
+    mask = None if causal or (b == 1 and t == 1) else allowed[:, None]
     first = _consecutive_start(slots)
     kv_order = kv_unorder = kv_mask = None
     if first is None and t == 1:
@@ -116,7 +124,7 @@ def build_attention_batch(
             kv_mask = None if mask is None else mask[order]
     return AttentionBatch(
         positions, query_lens, mask, cos, sin, cache, slots, write_rows, write_cols, key_len,
-        first, slots[write_rows], positions[write_rows, write_cols], kv_order, kv_unorder, kv_mask,
+        first, slots[write_rows], positions[write_rows, write_cols], kv_order, kv_unorder, kv_mask, causal,
     )
 
 

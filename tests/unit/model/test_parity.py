@@ -6,6 +6,8 @@ a few ulps; the same ops run in the same order).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -95,3 +97,33 @@ def test_decode_rows_in_any_slot_order_match_full_forward(loaded, slots):
 def test_parameter_count_matches_transformers(loaded):
     for hf, ours in loaded.values():
         assert ours.info.parameter_count == sum(p.numel() for p in hf.parameters())
+
+
+def test_whole_prompts_from_zero_take_the_causal_kernel_with_the_masked_result(loaded, monkeypatch):
+    from ccoe_common.model import attention_batch as ab
+    from ccoe_common.model import backbone as backbone_module
+
+    _, ours = loaded["qwen2-gqa-bias"]
+    pos = torch.arange(6).expand(2, 6)
+    cos, sin = ours.backbone.rotary(pos, torch.float32)
+    fresh = ab.build_attention_batch(pos, torch.tensor([6, 6]), cos, sin)
+    padded = ab.build_attention_batch(pos, torch.tensor([6, 4]), cos, sin)
+    later = ab.build_attention_batch(pos + 3, torch.tensor([6, 6]), cos, sin)
+    assert fresh.causal and fresh.mask is None
+    assert not padded.causal and not later.causal and padded.mask is not None
+    cache = KVCache(ours.config, num_slots=2, max_seq_len=16, dtype=torch.float32)
+    assert ab.build_attention_batch(pos, torch.tensor([6, 6]), cos, sin, cache, torch.arange(2)).causal
+
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        causal = ours.forward(ids, [None, None])
+        real = ab.build_attention_batch  # the backbone's copy of the name is the one it calls
+        monkeypatch.setattr(backbone_module, "build_attention_batch",
+                            lambda *a, **kw: dataclasses.replace(b := real(*a, **kw), causal=False, mask=_causal_mask(b)))
+        masked = ours.forward(ids, [None, None])
+    assert (causal - masked).abs().max().item() <= ATOL
+
+
+def _causal_mask(batch) -> torch.Tensor:
+    p = batch.positions
+    return (p[:, None, :] <= p[:, :, None])[:, None]
