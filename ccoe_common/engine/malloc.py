@@ -7,8 +7,8 @@ mmap threshold (128 KiB, raised adaptively) straight back to the kernel when the
 trims the free top of the heap once it passes 2x that threshold, and unmaps a thread arena's
 heap once all of it is free. Every step then pays the kernel to zero and map the same pages
 again. Measured on 2 cores, 150m, bf16, that prefill step on the main thread: 238,000 minor
-page faults and 955 ms; with the tuning below, 680 faults and 674 ms. Served end to end, the
-64-request mixed batch of `ccoe bench throughput` went from 400-420 to 490-510 tokens/s.
+page faults and 955 ms; with the tuning below, 680 faults and 674 ms. In the engine, the
+64-request mixed batch of `ccoe bench throughput` went from ~410 to ~500 tokens/s.
 
 The cost: the process keeps up to its peak of transient activations (bounded by the engine's
 `max_batched_tokens`) instead of returning them to the kernel, as PyTorch's CUDA caching
