@@ -47,13 +47,20 @@ class RowStack:
             return None
         if tuple(lin.weight.data_ptr() for lin in linears) != self.weights:
             return None
-        cols = first.weight.shape[1]
-        weight = first.weight.as_strided((self.rows, cols), (cols, 1))
+        w = first.weight
+        cols = w.shape[1]
+        # Back-to-back addresses already mean one storage (separate allocations never touch);
+        # the size check keeps as_strided in bounds whatever happened to the parameters.
+        if w.untyped_storage().nbytes() < (w.storage_offset() + self.rows * cols) * w.element_size():
+            return None
+        weight = w.as_strided((self.rows, cols), (cols, 1))
         if self.biases is None:
             return weight, None
-        if tuple(lin.bias.data_ptr() for lin in linears) != self.biases:
+        bias = first.bias
+        if tuple(lin.bias.data_ptr() for lin in linears) != self.biases or (
+                bias.untyped_storage().nbytes() < (bias.storage_offset() + self.rows) * bias.element_size()):
             return None
-        return weight, first.bias.as_strided((self.rows,), (1,))
+        return weight, bias.as_strided((self.rows,), (1,))
 
 
 def stack_rows(linears: Sequence[nn.Linear]) -> RowStack | None:
