@@ -47,12 +47,13 @@ def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list
 
     plain_greedy = [i for i, r in enumerate(rows) if r.params.greedy and r.params.repetition_penalty == 1.0]
     if plain_greedy:
-        for i, tok in zip(plain_greedy, logits[plain_greedy].argmax(dim=-1).tolist()):
+        greedy_logits = logits if len(plain_greedy) == len(rows) else logits[plain_greedy]
+        for i, tok in zip(plain_greedy, greedy_logits.argmax(dim=-1).tolist()):
             chosen[i] = tok
+    done = set(plain_greedy)
     for i, r in enumerate(rows):
-        if i in plain_greedy:
-            continue
-        chosen[i] = _sample_row(logits[i], r)
+        if i not in done:
+            chosen[i] = _sample_row(logits[i], r)
     if raw_lp is not None:
         for j, i in enumerate(want_lp):
             logprobs[i] = float(raw_lp[j, chosen[i]])
