@@ -76,3 +76,9 @@ def test_rows_use_their_own_parameters():
     logits = LOGITS.repeat(2, 1)
     tokens, lps = sample(logits, [row(), row(temperature=10.0, top_k=2, seed=3, logprobs=True)])
     assert tokens[0] == 1 and tokens[1] in (1, 2) and lps[0] is None and lps[1] is not None
+
+
+def test_all_greedy_rows_each_take_their_own_argmax():
+    logits = torch.stack([LOGITS[0], LOGITS[0].flip(0), -LOGITS[0]])
+    tokens, _ = sample(logits, [row(), row(), row()])
+    assert tokens == [int(r.argmax()) for r in logits]
