@@ -100,8 +100,11 @@ class Backbone(nn.Module):
     def _mixed_layer(self, i: int, layer: DecoderLayer, h: Tensor, batch: AttentionBatch, groups: Sequence[RowGroup]) -> Tensor:
         base = layer.parts()
         parts = [(g.rows, base if g.expert is None else g.expert.parts_at(i, base)) for g in groups]
-        if all(p is base for _, p in parts):
-            return self._layer_fn(base, h, batch, i)
+        first = parts[0][1]
+        if all(p is first for _, p in parts):
+            # Every row runs the same modules here (the backbone's, or one expert's): one plain
+            # layer call, compiled like any uniform layer when compile_layers() is on.
+            return self._layer_fn(first, h, batch, i)
 
         def attn(p: LayerParts, x: Tensor, rows: slice | Tensor) -> Tensor:
             # All rows (an ffn expert shares the backbone's attention): no per-row view needed.
