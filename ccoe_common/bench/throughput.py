@@ -110,9 +110,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smaller workloads: same systems and keys, < 5 minutes on 2 cores")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                         help="weights dtype of every system (bfloat16: AMX matmuls are faster on this CPU)")
-    parser.add_argument("--compile", action="store_true",
-                        help="run the engines' uniform layers through torch.compile (EngineConfig.compile) for "
-                             "ccoe, backbone and ensemble; peft and transformers stay eager")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for every system (default: the CPU count)")
     for f in dataclasses.fields(Workload):
@@ -169,8 +166,7 @@ def _unique_bytes(named: Sequence[tuple[str, Any]]) -> int:
     return total
 
 
-def build_systems(checkpoint: Path, dtype_name: str, wl: Workload, progress: Progress,
-                  compile_layers: bool = False) -> Systems:
+def build_systems(checkpoint: Path, dtype_name: str, wl: Workload, progress: Progress) -> Systems:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -185,8 +181,7 @@ def build_systems(checkpoint: Path, dtype_name: str, wl: Workload, progress: Pro
         # Whole prompts in one chunk; up to 16 prompts (or 2048 tokens) per prefill step.
         chunk = max(wl.batch_prompt, wl.seq_prompt)
         return EngineConfig(max_seq_len=max_seq_len, max_running=max_running, prefill_chunk=chunk,
-                            max_batched_tokens=max(max_running, min(2048, 16 * chunk) + max_running),
-                            compile=compile_layers)
+                            max_batched_tokens=max(max_running, min(2048, 16 * chunk) + max_running))
 
     model = CCoEModel.from_pretrained(checkpoint, dtype=dtype)
     experts = []
@@ -442,8 +437,7 @@ def ratios(seq: dict[str, float], bat: dict[str, float], bytes_b: dict[str, int]
             for n, v, t in rows]
 
 
-def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progress: Progress,
-            compile_layers: bool = False) -> dict[str, Any]:
+def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progress: Progress) -> dict[str, Any]:
     import torch
 
     from ccoe_common.model.synthetic import make_checkpoint
@@ -455,7 +449,7 @@ def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progre
         with _quiet_transformers():
             checkpoint = make_checkpoint(Path(tmp) / "backbone", "qwen2", dtype=getattr(torch, dtype_name), **shape)
         progress.step(f"wrote the {shape_name} checkpoint")
-        systems = build_systems(checkpoint, dtype_name, wl, progress, compile_layers)
+        systems = build_systems(checkpoint, dtype_name, wl, progress)
     release_openmp_workers()  # the loads ran on this thread; see _hf_generate
     try:
         seq = run_sequential(systems, wl, shape["vocab_size"], progress)
@@ -470,7 +464,7 @@ def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progre
     return {
         "shape": shape_name,
         "model": {
-            "model_type": "qwen2", **shape, "dtype": dtype_name, "threads": threads, "compile": compile_layers,
+            "model_type": "qwen2", **shape, "dtype": dtype_name, "threads": threads,
             "parameter_count": facts["parameter_count"], "expert_kind": "ffn",
             "expert_layers": facts["expert_layers"], "expert_parameter_count": facts["expert_parameter_count"],
             "expert_fraction": facts["expert_parameter_count"] / facts["parameter_count"],
@@ -490,7 +484,7 @@ def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progre
 def render(report: dict[str, Any]) -> str:
     m, wl = report["model"], report["workload"]
     head = (f"qwen2 '{report['shape']}' backbone, {m['parameter_count'] / 1e6:.1f}M parameters, {m['dtype']}, "
-            f"torch threads {m['threads']}{', engines compiled' if m.get('compile') else ''}; {NUM_DOMAINS} experts: ffn at layers {m['expert_layers']} "
+            f"torch threads {m['threads']}; {NUM_DOMAINS} experts: ffn at layers {m['expert_layers']} "
             f"({m['expert_fraction']:.1%} of the backbone each); LoRA rank {m['lora_rank']} on all linear layers")
     seq = format_table(
         ["system", "tokens/s", "rounds (tokens/s)", "weights/step"],
@@ -530,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--hf-requests {wl.hf_requests} exceeds --batch-requests {wl.batch_requests}")
     steps = 4 + 1 + wl.seq_rounds + 1 + wl.batch_rounds * len(BATCH_SYSTEMS)
     progress = Progress(total=steps, quiet=args.quiet)
-    report = collect(shape, args.dtype, threads, wl, progress, compile_layers=args.compile)
+    report = collect(shape, args.dtype, threads, wl, progress)
     if args.json:
         print_json(report)
     else:

@@ -12,6 +12,7 @@ Shape legend: B = batch rows, T = tokens per row, D = hidden size, V = vocab.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,6 +37,11 @@ class RowGroup:
     rows: slice
 
 
+log = logging.getLogger(__name__)
+
+_compiled_backbones = 0  # backbones of this process that called compile_layers()
+
+
 class Backbone(nn.Module):
     def __init__(self, config: BackboneConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
@@ -57,7 +63,19 @@ class Backbone(nn.Module):
         batch size or sequence length does not recompile; the first prefill and the first
         decode step each compile once (~15 s on 2 CPU cores). Parameters are inputs of the
         compiled graph, not constants, so every layer and every expert's modules share it.
+
+        Meant for one backbone per process (a replica). Dynamo keeps the compiled variants of
+        `_run_layer` per code object, shared by every backbone in the process; with six
+        compiled backbones (the throughput benchmark's ccoe engine plus 5 ensemble models) it
+        hit its recompile limit (8) and the first engine ran slower than eager (22 vs 35
+        tokens/s), so a second compiled backbone logs a warning.
         """
+        global _compiled_backbones
+        _compiled_backbones += 1
+        if _compiled_backbones > 1:
+            log.warning("compiling a backbone's layers while %d others in this process are compiled: they share "
+                        "dynamo's variants of one function and may run slower than eager past its recompile limit",
+                        _compiled_backbones - 1)
         self._layer_fn = torch.compile(_run_layer, dynamic=True, mode=mode)
 
     @property

@@ -105,3 +105,15 @@ def test_mixed_batch_with_kv_cache_matches_full_forward(model):
         rest = [model.forward(ids[:, i:i + 1], selectors, positions=torch.full((3, 1), i), cache=cache, slots=slots)
                 for i in range(7, 10)]
     assert (torch.cat([first, *rest], dim=1) - full).abs().max().item() <= MIXED_ATOL
+
+
+def test_a_second_compiled_backbone_in_one_process_is_warned_about(deep_qwen2_dir, caplog, monkeypatch):
+    from ccoe_common.model import backbone as backbone_module
+
+    monkeypatch.setattr(backbone_module, "_compiled_backbones", 0)
+    first, second = CCoEModel.from_pretrained(deep_qwen2_dir), CCoEModel.from_pretrained(deep_qwen2_dir)
+    with caplog.at_level("WARNING", logger=backbone_module.__name__):
+        first.backbone.compile_layers()
+        assert not caplog.records
+        second.backbone.compile_layers()
+    assert len(caplog.records) == 1 and "1 others" in caplog.records[0].getMessage()
