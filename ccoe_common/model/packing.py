@@ -17,6 +17,7 @@ its own (`load_state_dict(assign=True)`, `Module.to`, a deep copy) unstacks it; 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,27 +41,30 @@ class RowStack:
         """(weight [rows, in], bias [rows] or None) over all of `linears`, if they are still
         where `stack_rows` put them; None otherwise, and None whenever autograd must see the
         separate parameters (grad mode with trainable weights) or torch.compile traces."""
-        first = linears[0]
-        if first.weight.requires_grad and torch.is_grad_enabled():
+        if linears[0].weight.requires_grad and torch.is_grad_enabled():
             return None
         if torch.compiler.is_compiling():
             return None
-        if tuple(lin.weight.data_ptr() for lin in linears) != self.weights:
+        weight = _span([lin.weight for lin in linears], self.weights, self.rows)
+        if weight is None:
             return None
-        w = first.weight
-        cols = w.shape[1]
-        # Back-to-back addresses already mean one storage (separate allocations never touch);
-        # the size check keeps as_strided in bounds whatever happened to the parameters.
-        if w.untyped_storage().nbytes() < (w.storage_offset() + self.rows * cols) * w.element_size():
-            return None
-        weight = w.as_strided((self.rows, cols), (cols, 1))
         if self.biases is None:
             return weight, None
-        bias = first.bias
-        if tuple(lin.bias.data_ptr() for lin in linears) != self.biases or (
-                bias.untyped_storage().nbytes() < (bias.storage_offset() + self.rows) * bias.element_size()):
-            return None
-        return weight, bias.as_strided((self.rows,), (1,))
+        bias = _span([lin.bias for lin in linears], self.biases, self.rows)
+        return None if bias is None else (weight, bias)
+
+
+def _span(tensors: Sequence[Tensor], addresses: tuple[int, ...], rows: int) -> Tensor | None:
+    """One view of `rows` rows over `tensors` if they still start at `addresses`, else None."""
+    if tuple(t.data_ptr() for t in tensors) != addresses:
+        return None
+    first = tensors[0]
+    # Back-to-back addresses already mean one storage (separate allocations never touch);
+    # the size check keeps as_strided in bounds whatever happened to the parameters.
+    needed = first.storage_offset() + rows * math.prod(first.shape[1:])
+    if first.untyped_storage().nbytes() < needed * first.element_size():
+        return None
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
 
 
 def stack_rows(linears: Sequence[nn.Linear]) -> RowStack | None:
