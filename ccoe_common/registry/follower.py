@@ -50,14 +50,18 @@ class ReplicaFollower:
         self.seen_revision = 0
         self._unwanted_since: dict[ExpertKey, float] = {}
         self._want: dict[ExpertKey, str] = {}
+        # Resident in the engine but not yet through the smoke test: never reported as held,
+        # or the registry would count this replica ready for a version that may yet fail.
+        self._testing: set[ExpertKey] = set()
         self._stop = asyncio.Event()
 
     # ---- state ---------------------------------------------------------------------------
 
     def held(self) -> set[ExpertKey]:
-        """Resident versions that take new requests (draining ones are on their way out)."""
+        """Resident versions that passed their smoke test and take new requests (draining ones
+        are on their way out)."""
         draining = set(self.engine.stats().draining)
-        return {k for k in self.engine.model.resident() if str(k) not in draining}
+        return {k for k in self.engine.model.resident() if str(k) not in draining and k not in self._testing}
 
     def state(self) -> pb.ReplicaState:
         s = self.engine.stats()
@@ -81,7 +85,7 @@ class ReplicaFollower:
         # artifact); once it is no longer wanted, a later rollout of it gets a fresh try.
         self.failures = {k: r for k, r in self.failures.items() if k in want}
         for key, uri in sorted(want.items()):
-            if key in self.held() or key in self.failures:
+            if key in self.held() or key in self.failures or key in self._testing:
                 continue
             parent = tracing.extract({"traceparent": traces[key]}) if key in traces else None
             with tracing.span("replica.load_expert", parent, expert=str(key), uri=uri,
@@ -119,12 +123,16 @@ class ReplicaFollower:
         expert = await asyncio.to_thread(self.engine.load, uri)
         if expert.key != key:
             raise ValueError(f"artifact {uri} holds {expert.key}, the registry expected {key}")
-        self.engine.push(expert)
+        self._testing.add(key)
         try:
-            await self.smoke_test(key)
-        except Exception:
-            self.engine.pop(key.name, key.version)
-            raise
+            self.engine.push(expert)
+            try:
+                await self.smoke_test(key)
+            except Exception:
+                self.engine.pop(key.name, key.version)
+                raise
+        finally:
+            self._testing.discard(key)
         log.info("loaded %s in %.2fs", key, time.monotonic() - started)
 
     async def smoke_test(self, key: ExpertKey) -> None:

@@ -1,0 +1,99 @@
+"""A replica's follower on a real engine and real artifacts: what it reports while it loads.
+
+The registry counts a replica ready for a version as soon as a report lists it, so a version
+must not be listed before its smoke test passed. The heartbeat runs beside the load, so here a
+report is sent from inside the smoke test, where a heartbeat could land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from ccoe_common.engine.engine import Engine, EngineConfig
+from ccoe_common.experts.reference import ExpertKey
+from ccoe_common.model import CCoEModel, Placement
+from ccoe_common.pb import registry_pb2 as pb
+from ccoe_common.registry.follower import ReplicaFollower
+from ccoe_common.serving.config import RegistryConfig
+from tests.helpers import nudge
+
+
+@pytest.fixture()
+def model(qwen2_dir) -> CCoEModel:
+    return CCoEModel.from_pretrained(qwen2_dir)
+
+
+def artifact(model: CCoEModel, root: Path, version: int, *, nan: bool = False) -> str:
+    expert = nudge(model.carve("math", placement=Placement(num_layers=1), version=version), version)
+    if nan:
+        next(iter(expert.parameters())).data.fill_(float("nan"))
+    uri = str(root / f"math-v{version}")
+    expert.to_artifact(uri, model.info)
+    return uri
+
+
+def listed(state: pb.ReplicaState) -> set[ExpertKey]:
+    return {ExpertKey(v.name, v.version) for v in state.loaded}
+
+
+async def follow(engine: Engine, load: dict[ExpertKey, str]) -> tuple[ReplicaFollower, list[pb.ReplicaState],
+                                                                        list[pb.ReplicaState]]:
+    """Apply one desired state; returns the follower, the reports sent mid-smoke-test, and all reports."""
+    reports: list[pb.ReplicaState] = []
+    mid_test: list[pb.ReplicaState] = []
+
+    async def report(state: pb.ReplicaState) -> None:
+        reports.append(state)
+
+    async def watch(replica_id: str):  # never consulted by apply()
+        raise AssertionError("apply() must not watch")
+        yield
+
+    follower = ReplicaFollower(engine, "r1", watch, report, RegistryConfig(smoke_tokens=2))
+    real_smoke_test = follower.smoke_test
+
+    async def smoke_test_with_heartbeat(key: ExpertKey) -> None:
+        await follower.report()  # what a heartbeat landing now would send
+        mid_test.append(reports[-1])
+        await real_smoke_test(key)
+
+    follower.smoke_test = smoke_test_with_heartbeat
+    msg = pb.DesiredState(revision=7, load=[pb.DesiredVersion(name=k.name, version=k.version, uri=u)
+                                            for k, u in load.items()])
+    await follower.apply(msg)
+    return follower, mid_test, reports
+
+
+def test_a_version_is_reported_only_after_its_smoke_test_passed(model, tmp_path):
+    good = ExpertKey("math", 2)
+    with Engine(model, EngineConfig(max_seq_len=64, max_running=2)) as engine:
+        follower, mid_test, reports = asyncio.run(follow(engine, {good: artifact(model, tmp_path, 2)}))
+        assert len(mid_test) == 1 and good not in listed(mid_test[0])
+        assert good in engine.model.resident()  # it was resident while being tested
+        assert good in listed(reports[-1]) and reports[-1].seen_revision == 7
+        assert follower.failures == {}
+
+
+def test_a_version_failing_its_smoke_test_is_never_reported_and_is_freed(model, tmp_path):
+    bad = ExpertKey("math", 3)
+    with Engine(model, EngineConfig(max_seq_len=64, max_running=2)) as engine:
+        follower, mid_test, reports = asyncio.run(follow(engine, {bad: artifact(model, tmp_path, 3, nan=True)}))
+        assert len(mid_test) == 1
+        assert all(bad not in listed(r) for r in reports)
+        assert "non-finite" in follower.failures[bad]
+        assert [(f.name, f.version) for f in reports[-1].failures] == [("math", 3)]
+        gone = asyncio.run(_wait_gone(engine, bad))  # the failed version drains and is freed
+        assert gone, f"{bad} still resident after its smoke test failed"
+
+
+async def _wait_gone(engine: Engine, key: ExpertKey, timeout_s: float = 10.0) -> bool:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while loop.time() < end:
+        if key not in engine.model.resident():
+            return True
+        await asyncio.sleep(0.05)
+    return False
