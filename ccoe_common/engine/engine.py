@@ -103,6 +103,7 @@ class EngineStats:
     generated_tokens: int
     resident: dict[str, int]  # "math@1" -> bytes
     draining: list[str]
+    staged: list[str]  # resident, not yet admitted: only allow_staged requests run on them
     kv_cache_bytes: int
 
 
@@ -134,9 +135,10 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
-        self._lock = threading.Lock()  # guards scheduler queues, _refs, _draining, _by_id
+        self._lock = threading.Lock()  # guards scheduler queues, _refs, _draining, _staged, _by_id
         self._refs: Counter[ExpertKey] = Counter()
         self._draining: set[ExpertKey] = set()
+        self._staged: set[ExpertKey] = set()
         self._drained: dict[ExpertKey, threading.Event] = {}
         self._by_id: dict[str, Sequence] = {}
         self._wake = threading.Event()
@@ -214,7 +216,7 @@ class Engine:
         with self._lock:
             if request.request_id in self._by_id:
                 raise InvalidRequest("request_id", f"{request.request_id!r} is already in flight")
-            seq.expert = self._pin_expert(request.expert)
+            seq.expert = self._pin_expert(request.expert, request.allow_staged)
             self.scheduler.add(seq)  # may raise Overloaded
             if seq.expert is not None:
                 self._refs[seq.expert] += 1
@@ -296,14 +298,29 @@ class Engine:
         finally:
             release_openmp_workers()
 
-    def push(self, source: LoadedExpert | ExpertArtifact | str) -> ExpertKey:
+    def push(self, source: LoadedExpert | ExpertArtifact | str, *, staged: bool = False) -> ExpertKey:
         """Add an expert version while serving. Reading and validating the artifact happen on
-        the calling thread; the step loop only ever sees the finished expert appear."""
+        the calling thread; the step loop only ever sees the finished expert appear.
+
+        staged: resident but not yet serving: only requests with allow_staged run on it (a smoke
+        test), name-only requests keep resolving to older versions, until `admit(key)`."""
         expert = source if isinstance(source, LoadedExpert) else self.load(source)
         with self._lock:
             if expert.key in self._draining:
                 raise ExpertUnavailable(f"expert {expert.key} is still draining after a pop; push another version")
-            return self.model.push(expert)
+            key = self.model.push(expert)
+            if staged:
+                self._staged.add(key)
+            return key
+
+    def admit(self, key: ExpertKey) -> None:
+        """Let every request run on a staged version (it passed its smoke test)."""
+        with self._lock:
+            if key not in self._staged:
+                state = "draining" if key in self._draining else (
+                    "already admitted" if key in self.model.resident() else "not resident")
+                raise ExpertUnavailable(f"expert {key} is not staged here ({state}); push it with staged=True first")
+            self._staged.discard(key)
 
     def pop(self, name: str, version: int | None = None, *, export_to: str | None = None,
             wait: float | None = None) -> list[ExpertKey]:
@@ -343,14 +360,15 @@ class Engine:
                 running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                 free_slots=len(self.scheduler.free_slots), steps=self._steps, generated_tokens=self._generated,
                 resident=self.model.memory_report().experts, draining=sorted(map(str, self._draining)),
+                staged=sorted(map(str, self._staged)),
                 kv_cache_bytes=self.cache.nbytes,
             )
 
-    def _pin_expert(self, selector: str | ExpertKey | None) -> ExpertKey | None:
+    def _pin_expert(self, selector: str | ExpertKey | None, allow_staged: bool = False) -> ExpertKey | None:
         if selector is None:
             return None
         name, version = (selector.name, selector.version) if isinstance(selector, ExpertKey) else ExpertKey.parse(selector)
-        live = [k for k in self.model.versions_of(name) if k not in self._draining]
+        live = [k for k in self.model.versions_of(name) if k not in self._draining and k not in self._staged]
         if version is None:
             if live:
                 return live[-1]
@@ -359,7 +377,12 @@ class Engine:
         elif ExpertKey(name, version) in self._draining:
             raise ExpertUnavailable(f"expert {name}@{version} is being removed (draining); "
                                     f"live versions: {[k.version for k in live] or 'none'}")
-        resident = sorted({str(k) for k in self.model.resident() if k not in self._draining})
+        elif ExpertKey(name, version) in self._staged:
+            if allow_staged:
+                return ExpertKey(name, version)
+            raise ExpertUnavailable(f"expert {name}@{version} is still being smoke-tested here (staged); "
+                                    f"live versions: {[k.version for k in live] or 'none'}")
+        resident = sorted({str(k) for k in self.model.resident() if k not in self._draining and k not in self._staged})
         raise ExpertUnavailable(f"expert {selector!s} is not served here; resident experts: {resident or 'none'}")
 
     def _release_if_drained(self, key: ExpertKey) -> None:
@@ -367,6 +390,7 @@ class Engine:
         if key in self._draining and self._refs[key] == 0:
             self.model.pop(key.name, key.version)
             self._draining.discard(key)
+            self._staged.discard(key)
             del self._refs[key]
             self._drained.pop(key).set()
             log.info("expert %s drained and freed", key)

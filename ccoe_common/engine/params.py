@@ -82,6 +82,8 @@ class GenerationRequest:
     (the papers' training format), "chat" applies the tokenizer's chat template to messages.
     expert: None = bare backbone; "math" = newest resident version; "math@2" or an ExpertKey
     pins one. timeout_s: the request fails with DEADLINE_EXCEEDED after this long.
+    allow_staged: may run on a version pushed with `Engine.push(..., staged=True)` and not yet
+    admitted (a replica's smoke test does); other requests are refused such a version.
     """
 
     prompt: str | None = None
@@ -92,6 +94,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     timeout_s: float | None = None
+    allow_staged: bool = False
 
     def check(self) -> None:
         given = [n for n in ("prompt", "messages", "prompt_ids") if getattr(self, n) is not None]

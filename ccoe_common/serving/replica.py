@@ -109,7 +109,7 @@ class ReplicaRuntime:
         s = self.engine.stats()
         return {"running": s.running, "waiting": s.waiting, "free_slots": s.free_slots, "steps": s.steps,
                 "generated_tokens": s.generated_tokens, "resident": s.resident, "draining": s.draining,
-                "kv_cache_bytes": s.kv_cache_bytes,
+                "staged": s.staged, "kv_cache_bytes": s.kv_cache_bytes,
                 "backbone_bytes": self.engine.model.memory_report().backbone_bytes,
                 "torch_threads": torch.get_num_threads()}
 

@@ -112,6 +112,38 @@ def test_version_pinning_across_a_push(model, engine):
     assert newer.token_ids == solo(model, prompt, 12, "math@2") != v1_tokens[:12]
 
 
+def test_a_staged_version_serves_only_its_smoke_test_until_admitted(model, engine):
+    prompt = [30, 31, 32, 33]
+    v2 = nudge(model.carve("math", placement=Placement(num_layers=3), version=2), 9, scale=0.3)
+    assert engine.push(v2, staged=True) == ExpertKey("math", 2)
+    assert engine.stats().staged == ["math@2"]
+
+    by_name = engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math", sampling=greedy(4)), timeout=60)
+    assert by_name.expert == ExpertKey("math", 1)  # the newest *admitted* version
+    with pytest.raises(ExpertUnavailable, match=r"math@2 is still being smoke-tested here \(staged\); live versions: \[1\]"):
+        engine.submit(GenerationRequest(prompt_ids=prompt, expert="math@2", sampling=greedy(2)), lambda ev: None)
+    trial = engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math@2", sampling=greedy(8),
+                                                   allow_staged=True), timeout=60)
+    assert trial.expert == ExpertKey("math", 2) and trial.token_ids == solo(model, prompt, 8, "math@2")
+
+    engine.admit(ExpertKey("math", 2))
+    assert engine.stats().staged == []
+    after = engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math", sampling=greedy(4)), timeout=60)
+    assert after.expert == ExpertKey("math", 2)
+    with pytest.raises(ExpertUnavailable, match=r"math@2 is not staged here \(already admitted\)"):
+        engine.admit(ExpertKey("math", 2))
+
+
+def test_a_staged_version_that_is_popped_is_freed(model, engine):
+    v2 = nudge(model.carve("math", placement=Placement(num_layers=3), version=2), 9, scale=0.3)
+    engine.push(v2, staged=True)
+    assert engine.pop("math", 2, wait=10) == [ExpertKey("math", 2)]
+    assert ExpertKey("math", 2) not in model.resident()
+    assert engine.stats().staged == [] and engine.stats().draining == []
+    with pytest.raises(ExpertUnavailable, match=r"math@2 is not staged here \(not resident\)"):
+        engine.admit(ExpertKey("math", 2))
+
+
 def test_pop_drains_then_frees(model, engine):
     prompt = [40, 41, 42]
     expected = solo(model, prompt, 50, "sql")
