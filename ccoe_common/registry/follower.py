@@ -50,18 +50,17 @@ class ReplicaFollower:
         self.seen_revision = 0
         self._unwanted_since: dict[ExpertKey, float] = {}
         self._want: dict[ExpertKey, str] = {}
-        # Resident in the engine but not yet through the smoke test: never reported as held,
-        # or the registry would count this replica ready for a version that may yet fail.
-        self._testing: set[ExpertKey] = set()
         self._stop = asyncio.Event()
 
     # ---- state ---------------------------------------------------------------------------
 
     def held(self) -> set[ExpertKey]:
-        """Resident versions that passed their smoke test and take new requests (draining ones
-        are on their way out)."""
-        draining = set(self.engine.stats().draining)
-        return {k for k in self.engine.model.resident() if str(k) not in draining and k not in self._testing}
+        """Resident versions that passed their smoke test and take new requests. Staged ones
+        (still under test) are left out, or the registry would count this replica ready for a
+        version that may yet fail; draining ones are on their way out."""
+        stats = self.engine.stats()
+        gone = set(stats.draining) | set(stats.staged)
+        return {k for k in self.engine.model.resident() if str(k) not in gone}
 
     def state(self) -> pb.ReplicaState:
         s = self.engine.stats()
@@ -85,8 +84,8 @@ class ReplicaFollower:
         # artifact); once it is no longer wanted, a later rollout of it gets a fresh try.
         self.failures = {k: r for k, r in self.failures.items() if k in want}
         for key, uri in sorted(want.items()):
-            if key in self.held() or key in self.failures or key in self._testing:
-                continue
+            if key in self.held() or str(key) in self.engine.stats().staged or key in self.failures:
+                continue  # held or under test already; a failed version is not retried
             parent = tracing.extract({"traceparent": traces[key]}) if key in traces else None
             with tracing.span("replica.load_expert", parent, expert=str(key), uri=uri,
                               replica_id=self.replica_id) as span:
@@ -123,23 +122,21 @@ class ReplicaFollower:
         expert = await asyncio.to_thread(self.engine.load, uri)
         if expert.key != key:
             raise ValueError(f"artifact {uri} holds {expert.key}, the registry expected {key}")
-        self._testing.add(key)
+        # Staged: only the smoke test runs on it until it passes, whoever asks for it by name.
+        self.engine.push(expert, staged=True)
         try:
-            self.engine.push(expert)
-            try:
-                await self.smoke_test(key)
-            except Exception:
-                self.engine.pop(key.name, key.version)
-                raise
-        finally:
-            self._testing.discard(key)
+            await self.smoke_test(key)
+        except Exception:
+            self.engine.pop(key.name, key.version)
+            raise
+        self.engine.admit(key)
         log.info("loaded %s in %.2fs", key, time.monotonic() - started)
 
     async def smoke_test(self, key: ExpertKey) -> None:
         request = GenerationRequest(
             prompt=self.config.smoke_prompt, expert=key, request_id=f"smoke-{key}-{time.monotonic_ns()}",
             sampling=SamplingParams.create(max_new_tokens=self.config.smoke_tokens, ignore_eos=True, logprobs=True),
-            timeout_s=30.0)
+            timeout_s=30.0, allow_staged=True)
         result = await self.engine.complete(request)
         if len(result.token_ids) != self.config.smoke_tokens:
             raise SmokeTestFailed(f"smoke test of {key} produced {len(result.token_ids)} tokens, "

@@ -1,8 +1,9 @@
 """A replica's follower on a real engine and real artifacts: what it reports while it loads.
 
 The registry counts a replica ready for a version as soon as a report lists it, so a version
-must not be listed before its smoke test passed. The heartbeat runs beside the load, so here a
-report is sent from inside the smoke test, where a heartbeat could land.
+must not be listed before its smoke test passed, nor serve anyone but its smoke test. The
+heartbeat and client requests run beside the load, so here a report is sent and a client request
+tried from inside the smoke test, where they could land.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from ccoe_common.engine.engine import Engine, EngineConfig
+from ccoe_common.engine.errors import ExpertUnavailable
+from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model import CCoEModel, Placement
 from ccoe_common.pb import registry_pb2 as pb
@@ -40,10 +43,12 @@ def listed(state: pb.ReplicaState) -> set[ExpertKey]:
 
 
 async def follow(engine: Engine, load: dict[ExpertKey, str]) -> tuple[ReplicaFollower, list[pb.ReplicaState],
-                                                                        list[pb.ReplicaState]]:
-    """Apply one desired state; returns the follower, the reports sent mid-smoke-test, and all reports."""
+                                                                        list[pb.ReplicaState], list[str]]:
+    """Apply one desired state; returns the follower, the reports sent mid-smoke-test, all
+    reports, and what a client pinning the version was told mid-test."""
     reports: list[pb.ReplicaState] = []
     mid_test: list[pb.ReplicaState] = []
+    refusals: list[str] = []
 
     async def report(state: pb.ReplicaState) -> None:
         reports.append(state)
@@ -58,30 +63,39 @@ async def follow(engine: Engine, load: dict[ExpertKey, str]) -> tuple[ReplicaFol
     async def smoke_test_with_heartbeat(key: ExpertKey) -> None:
         await follower.report()  # what a heartbeat landing now would send
         mid_test.append(reports[-1])
+        try:
+            await engine.complete(GenerationRequest(prompt="1+1=", expert=key, sampling=SamplingParams.create(
+                max_new_tokens=1)))
+        except ExpertUnavailable as e:
+            refusals.append(str(e))
         await real_smoke_test(key)
 
     follower.smoke_test = smoke_test_with_heartbeat
     msg = pb.DesiredState(revision=7, load=[pb.DesiredVersion(name=k.name, version=k.version, uri=u)
                                             for k, u in load.items()])
     await follower.apply(msg)
-    return follower, mid_test, reports
+    return follower, mid_test, reports, refusals
 
 
 def test_a_version_is_reported_only_after_its_smoke_test_passed(model, tmp_path):
     good = ExpertKey("math", 2)
     with Engine(model, EngineConfig(max_seq_len=64, max_running=2)) as engine:
-        follower, mid_test, reports = asyncio.run(follow(engine, {good: artifact(model, tmp_path, 2)}))
+        follower, mid_test, reports, refusals = asyncio.run(follow(engine, {good: artifact(model, tmp_path, 2)}))
         assert len(mid_test) == 1 and good not in listed(mid_test[0])
-        assert good in engine.model.resident()  # it was resident while being tested
+        assert len(refusals) == 1 and "math@2 is still being smoke-tested here" in refusals[0]
         assert good in listed(reports[-1]) and reports[-1].seen_revision == 7
-        assert follower.failures == {}
+        assert follower.failures == {} and engine.stats().staged == []
+        served = engine.complete_sync(GenerationRequest(prompt="1+1=", expert="math",
+                                                        sampling=SamplingParams.create(max_new_tokens=1)), timeout=30)
+        assert served.expert == good  # admitted once its smoke test passed
 
 
 def test_a_version_failing_its_smoke_test_is_never_reported_and_is_freed(model, tmp_path):
     bad = ExpertKey("math", 3)
     with Engine(model, EngineConfig(max_seq_len=64, max_running=2)) as engine:
-        follower, mid_test, reports = asyncio.run(follow(engine, {bad: artifact(model, tmp_path, 3, nan=True)}))
-        assert len(mid_test) == 1
+        follower, mid_test, reports, refusals = asyncio.run(
+            follow(engine, {bad: artifact(model, tmp_path, 3, nan=True)}))
+        assert len(mid_test) == 1 and len(refusals) == 1
         assert all(bad not in listed(r) for r in reports)
         assert "non-finite" in follower.failures[bad]
         assert [(f.name, f.version) for f in reports[-1].failures] == [("math", 3)]
