@@ -39,22 +39,29 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list[float | None]]:
     """logits: [B, V] -> (token per row, logprob per row or None where not requested)."""
-    logits = logits.float()
     chosen: list[int] = [0] * len(rows)
     logprobs: list[float | None] = [None] * len(rows)
-    want_lp = [i for i, r in enumerate(rows) if r.params.logprobs]
-    raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
-
     plain_greedy = [i for i, r in enumerate(rows) if r.params.greedy and r.params.repetition_penalty == 1.0]
     if plain_greedy:
+        # Widening to fp32 is exact and keeps the order, so the argmax in the model's dtype is
+        # the fp32 one; skipping the copy matters for a large vocab (2 cores, 64 rows x 151,936
+        # bf16 logits: fp32 copy + argmax 22.8 ms, max(dim) on bf16 6.3 ms; max(dim) is also
+        # faster than argmax on the CPU, with the same first-maximum tie rule).
         greedy_logits = logits if len(plain_greedy) == len(rows) else logits[plain_greedy]
-        for i, tok in zip(plain_greedy, greedy_logits.argmax(dim=-1).tolist()):
+        for i, tok in zip(plain_greedy, greedy_logits.max(dim=-1).indices.tolist()):
             chosen[i] = tok
-    done = set(plain_greedy)
-    for i, r in enumerate(rows):
-        if i not in done:
-            chosen[i] = _sample_row(logits[i], r)
-    if raw_lp is not None:
+    greedy = set(plain_greedy)
+    others = [i for i in range(len(rows)) if i not in greedy]
+    want_lp = [i for i, r in enumerate(rows) if r.params.logprobs]
+    need = sorted(set(others).union(want_lp))
+    if not need:
+        return chosen, logprobs
+    wide = (logits if len(need) == len(rows) else logits[need]).float()
+    at = {i: j for j, i in enumerate(need)}
+    for i in others:
+        chosen[i] = _sample_row(wide[at[i]], rows[i])
+    if want_lp:
+        raw_lp = torch.log_softmax(wide[[at[i] for i in want_lp]], dim=-1)
         for j, i in enumerate(want_lp):
             logprobs[i] = float(raw_lp[j, chosen[i]])
     return chosen, logprobs

@@ -82,3 +82,22 @@ def test_all_greedy_rows_each_take_their_own_argmax():
     logits = torch.stack([LOGITS[0], LOGITS[0].flip(0), -LOGITS[0]])
     tokens, _ = sample(logits, [row(), row(), row()])
     assert tokens == [int(r.argmax()) for r in logits]
+
+
+def test_half_precision_logits_choose_as_fp32_does_in_a_mixed_batch():
+    # bf16 logits with exact ties (the first maximum wins) and rows that need fp32 (logprobs,
+    # sampling) mixed with plain greedy ones: each row as if sampled alone from fp32 logits.
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 1000, generator=gen) * 4).bfloat16()
+    logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: index 10 must win
+    specs = [{}, {}, {"logprobs": True}, {"temperature": 0.7, "seed": 5}, {}, {"temperature": 0.7, "seed": 6, "logprobs": True}]
+    tokens, lps = sample(logits, [row(**kw) for kw in specs])
+    wide = logits.float()
+    for i, kw in enumerate(specs):
+        alone, alone_lp = sample(wide[i:i + 1], [row(**kw)])
+        assert tokens[i] == alone[0], f"row {i}"
+        assert (lps[i] is None) == (alone_lp[0] is None)
+        if lps[i] is not None:
+            assert lps[i] == pytest.approx(alone_lp[0], abs=1e-6)
+    assert tokens[1] == 10
+    assert tokens[0] == int(wide[0].argmax()) and tokens[4] == int(wide[4].argmax())
