@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ccoe_common.model.attention_batch import AttentionBatch, build_attention_batch
 from ccoe_common.model.config import BackboneConfig
-from ccoe_common.model.layers import DecoderLayer, LayerParts, Linear, RMSNorm, Rotary
+from ccoe_common.model.layers import DecoderLayer, LayerParts, Linear, RMSNorm, Rotary, head_logits
 
 if TYPE_CHECKING:
     from ccoe_common.model.expert import LoadedExpert
@@ -113,7 +113,7 @@ class Backbone(nn.Module):
                 h = self._layer_fn(layer.parts(), h, batch, i)
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # [B, D]
-        return self.lm_head(self.norm(h))
+        return head_logits(self.lm_head, self.norm(h))
 
     def _mixed_layer(self, i: int, layer: DecoderLayer, h: Tensor, batch: AttentionBatch, groups: Sequence[RowGroup]) -> Tensor:
         base = layer.parts()

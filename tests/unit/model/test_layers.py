@@ -1,5 +1,5 @@
 """Fast paths in the layers: one row through `torch.mv`, up to 256 bf16 rows through a transposed MLP,
-decoding attention with the shared heads folded into query rows, RMSNorm in one kernel."""
+up to 16 bf16 rows through a transposed LM head, decoding attention with the shared heads folded into query rows, RMSNorm in one kernel."""
 
 from __future__ import annotations
 
@@ -10,7 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from ccoe_common.model import layers
-from ccoe_common.model.layers import MLP, TRANSPOSED_MLP_MAX_ROWS, Attention, Linear, RMSNorm, Rotary, apply_rotary
+from ccoe_common.engine.params import SamplingParams
+from ccoe_common.engine.sampler import RowSampling, sample
+from ccoe_common.model.layers import (
+    MLP,
+    TRANSPOSED_HEAD_MAX_ROWS,
+    TRANSPOSED_MLP_MAX_ROWS,
+    Attention,
+    Linear,
+    RMSNorm,
+    Rotary,
+    apply_rotary,
+    head_logits,
+)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -92,6 +104,35 @@ def test_a_prefill_sized_bf16_batch_takes_the_plain_mlp(monkeypatch):
     got = mlp(x)
     assert got.shape == x.shape
     assert torch.allclose(got.float(), want, atol=0.03, rtol=0.03)
+
+
+@pytest.mark.parametrize("rows", [2, 13, TRANSPOSED_HEAD_MAX_ROWS])
+def test_a_few_bf16_rows_take_the_transposed_head_and_sample_as_f_linear(rows, monkeypatch):
+    torch.manual_seed(rows)
+    head = Linear(64, 500, bias=False, dtype=torch.bfloat16).requires_grad_(False)  # as served
+    h = torch.randn(rows, 64, dtype=torch.bfloat16)
+    want = F.linear(h.float(), head.weight.float())
+    monkeypatch.setattr(F, "linear", lambda *a: pytest.fail("the transposed head multiplies W @ h^T itself"))
+    got = head_logits(head, h)
+    assert got.shape == (rows, 500) and got.dtype == torch.bfloat16
+    assert got.stride() == (1, rows), "logits stay the transposed view of W @ h^T"
+    assert torch.allclose(got.float(), want, atol=0.05, rtol=0.02)
+    # The sampler reads the view as it is: greedy picks and logprobs as from a contiguous copy.
+    greedy = SamplingParams.create(logprobs=True)
+    picks = sample(got, [RowSampling(greedy, None, None)] * rows)
+    assert picks == sample(got.contiguous(), [RowSampling(greedy, None, None)] * rows)
+
+
+def test_other_heads_are_plain_linear(monkeypatch):
+    torch.manual_seed(0)
+    head = Linear(64, 500, bias=False, dtype=torch.bfloat16)
+    many = torch.randn(TRANSPOSED_HEAD_MAX_ROWS + 1, 64, dtype=torch.bfloat16)
+    assert torch.equal(head_logits(head, many), F.linear(many, head.weight))
+    full = Linear(64, 500, bias=False)
+    rows = torch.randn(5, 64)
+    assert torch.equal(head_logits(full, rows), F.linear(rows, full.weight))
+    seq = torch.randn(2, 3, 64, dtype=torch.bfloat16)  # [B, T, D]: every position's logits
+    assert torch.equal(head_logits(head, seq), F.linear(seq, head.weight))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
