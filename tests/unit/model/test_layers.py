@@ -1,5 +1,6 @@
 """Fast paths in the layers: one row through `torch.mv`, up to 256 bf16 rows through a transposed MLP,
-up to 16 bf16 rows through a transposed LM head, decoding attention with the shared heads folded into query rows, RMSNorm in one kernel."""
+up to 32 through a transposed LM head, decoding attention with the shared heads folded into query
+rows, RMSNorm in one kernel."""
 
 from __future__ import annotations
 
