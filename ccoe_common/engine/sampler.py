@@ -5,7 +5,12 @@ a draw from the row's own torch.Generator (seeded per request, so a seeded reque
 same tokens whatever else shares its batch). Greedy rows take the argmax of the penalised
 logits. Log-probabilities are those of the model's raw distribution (before any processing).
 
-Shape legend: B = rows, V = vocab.
+Sampled rows are processed together, one tensor op per stage, and draw by inverting their
+cumulative distribution with one uniform number from their own generator. What a row gets
+depends only on its own logits, parameters and generator: the truncation to top-k / top-p
+works on a fixed number of candidates per row, never on a size set by other rows.
+
+Shape legend: B = rows, V = vocab, S = sampled rows, C = candidates per row.
 """
 
 from __future__ import annotations
@@ -56,36 +61,121 @@ def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list
     need = sorted(set(others).union(want_lp))
     if not need:
         return chosen, logprobs
-    wide = (logits if len(need) == len(rows) else logits[need]).float()
+    # Row-major fp32, whatever the logits' layout: the LM head can hand over a transposed view,
+    # and the steps below run along rows (16 x 151,936 sampled at temperature: 12.9 ms on the
+    # transposed layout, 2.4 ms row-major).
+    wide = _take(logits, need).to(torch.float32, memory_format=torch.contiguous_format)
     at = {i: j for j, i in enumerate(need)}
-    for i in others:
-        chosen[i] = _sample_row(wide[at[i]], rows[i])
-    if want_lp:
-        raw_lp = torch.log_softmax(wide[[at[i] for i in want_lp]], dim=-1)
+    raw_lp = torch.log_softmax(wide[[at[i] for i in want_lp]], dim=-1) if want_lp else None
+    if others:
+        x = _take(wide, [at[i] for i in others])
+        if x.data_ptr() == logits.data_ptr():
+            x = x.clone()  # the caller's fp32 logits: the steps below work in place
+        for j, i in enumerate(others):
+            _penalize(x[j], rows[i])
+        drawn = [j for j, i in enumerate(others) if not rows[i].params.greedy]
+        for j, i in enumerate(others):
+            if rows[i].params.greedy:  # greedy with a repetition penalty
+                chosen[i] = int(x[j].argmax())
+        if drawn:
+            tokens = _draw(_take(x, drawn), [rows[others[j]] for j in drawn])
+            for j, tok in zip(drawn, tokens):
+                chosen[others[j]] = tok
+    if raw_lp is not None:
         for j, i in enumerate(want_lp):
             logprobs[i] = float(raw_lp[j, chosen[i]])
     return chosen, logprobs
 
 
-def _sample_row(row: Tensor, r: RowSampling) -> int:
+def _take(t: Tensor, index: list[int]) -> Tensor:
+    """t's rows at `index`: t itself when that is every row in order, else a copy."""
+    return t if index == list(range(t.shape[0])) else t[index]
+
+
+# Top-k / top-p rows draw from their this-many best tokens. A top-p row falls back to sorting
+# its whole vocabulary only when these do not reach top_p (a near-flat distribution). Sorting
+# costs ~5.5 ms per row of 151,936 on 2 cores; topk(1024) ~0.36 ms.
+CANDIDATES = 1024
+
+
+def _penalize(x: Tensor, r: RowSampling) -> None:
     p = r.params
-    x = row.clone()
     if p.repetition_penalty != 1.0 and r.seen is not None and r.seen.numel():
         seen = r.seen.to(x.device)
         vals = x[seen]
         x[seen] = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
-    if p.greedy:
-        return int(x.argmax())
-    x = x / p.temperature
-    if p.top_k and p.top_k < x.numel():
-        kth = torch.topk(x, p.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the top one stays).
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-        x = x.clone()
-        x[order[drop]] = float("-inf")
-    probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=r.generator))
+
+
+def _draw(x: Tensor, rows: Sequence[RowSampling]) -> list[int]:
+    """x: [S, V] penalised fp32 logits of rows that sample, modified in place -> one token per row."""
+    device = x.device
+    vocab = x.shape[-1]
+    x.div_(torch.tensor([r.params.temperature for r in rows], device=device)[:, None])
+    # One uniform draw per row and step, from the row's own generator.
+    u = torch.stack([torch.rand((), generator=r.generator, device=device) for r in rows])
+    tokens = [0] * len(rows)
+
+    def truncated(r: RowSampling) -> bool:
+        return bool(r.params.top_k and r.params.top_k < vocab) or r.params.top_p < 1.0
+
+    plain = [j for j, r in enumerate(rows) if not truncated(r)]
+    if plain:
+        weights = _take(x, plain)
+        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()  # softmax, short of normalising
+        for j, tok in zip(plain, _invert(weights, u[plain]).tolist()):
+            tokens[j] = tok
+    by_width: dict[int, list[int]] = {}
+    for j, r in enumerate(rows):
+        if truncated(r):
+            k = r.params.top_k if r.params.top_k and r.params.top_k < vocab else 0
+            by_width.setdefault(k if k > CANDIDATES else min(CANDIDATES, vocab), []).append(j)
+    for width, group in by_width.items():
+        for j, tok in zip(group, _draw_truncated(x[group], [rows[j] for j in group], u[group], width)):
+            tokens[j] = tok
+    return tokens
+
+
+def _draw_truncated(x: Tensor, rows: Sequence[RowSampling], u: Tensor, width: int) -> list[int]:
+    """Top-k / top-p rows [S, V] drawing among their `width` best tokens -> one token per row."""
+    vocab = x.shape[-1]
+    device = x.device
+    values, ids = torch.topk(x, width, dim=-1)  # [S, C], best first
+    top_k = torch.tensor([r.params.top_k if r.params.top_k and r.params.top_k < vocab else vocab for r in rows],
+                         device=device)
+    in_k = torch.arange(width, device=device)[None, :] < top_k[:, None]
+    # Probabilities over what top-k leaves: the k best when top-k applies, else the whole row.
+    # softmax rather than logsumexp: its per-row kernel gives a row the same bits in any batch,
+    # where a reduction may split a lone row across threads.
+    has_k = top_k < vocab
+    probs = torch.softmax(values.masked_fill(~in_k, float("-inf")), dim=-1)
+    whole = (~has_k).nonzero().squeeze(1)
+    if whole.numel():
+        probs[whole] = torch.softmax(x[whole], dim=-1).gather(1, ids[whole])
+    top_p = torch.tensor([r.params.top_p if r.params.top_p < 1.0 else float("inf") for r in rows], device=device)
+    # Drop a token when the tokens ranked above it already reach top_p (the top one stays).
+    cum = torch.cumsum(probs, dim=-1)
+    keep = (cum - probs) < top_p[:, None]
+    tokens = ids.gather(1, _invert(probs * keep, u)[:, None]).squeeze(1).tolist()
+    # A top-p row whose candidates fall short of top_p has its nucleus outside them.
+    short = ((~has_k) & (cum[:, -1] < top_p)).tolist()
+    for j in (j for j, s in enumerate(short) if s):
+        tokens[j] = _draw_sorted(x[j], rows[j].params.top_p, u[j])
+    return tokens
+
+
+def _draw_sorted(x: Tensor, top_p: float, u: Tensor) -> int:
+    sorted_x, order = torch.sort(x, descending=True)
+    probs = torch.softmax(sorted_x, dim=-1)
+    keep = (torch.cumsum(probs, dim=-1) - probs) < top_p
+    return int(order[_invert((probs * keep)[None], u[None])[0]])
+
+
+def _invert(weights: Tensor, u: Tensor) -> Tensor:
+    """Index drawn per row of non-negative `weights` [S, N] by the uniforms u [S] in [0, 1)."""
+    cdf = torch.cumsum(weights, dim=-1)
+    # The first index whose cumulative weight passes u x total: zero-weight entries never win.
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    # u x total can round up to the total itself: such a draw goes to the last entry with weight.
+    for j in (drawn >= weights.shape[-1]).nonzero().flatten().tolist():
+        drawn[j] = int((weights[j] > 0).nonzero().max())
+    return drawn

@@ -87,6 +87,34 @@ def test_requests_in_a_busy_mixed_batch_equal_their_solo_runs(model, engine):
     assert engine.stats().running == 0 and engine.stats().free_slots == 6
 
 
+def test_a_seeded_sampled_request_draws_the_same_alone_or_in_a_busy_batch(model, engine):
+    """Sampling is batched across rows; a seeded request must not notice who shares its steps."""
+    prompt = list(range(40, 52))
+    params = SamplingParams.create(max_new_tokens=16, ignore_eos=True, temperature=0.9, top_p=0.95, top_k=40, seed=7)
+    alone = engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math", sampling=params), timeout=60)
+    company = [([5, 6, 7], None, SamplingParams.create(max_new_tokens=10, ignore_eos=True, temperature=1.2, seed=1)),
+               ([8, 9], "sql", greedy(12)),
+               (list(range(60, 70)), "law", SamplingParams.create(max_new_tokens=14, ignore_eos=True, temperature=0.7,
+                                                                  top_k=5, seed=2, logprobs=True))]
+
+    async def run():
+        tasks = [asyncio.create_task(engine.complete(GenerationRequest(prompt_ids=p, expert=e, sampling=s)))
+                 for p, e, s in company[:2]]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(engine.complete(GenerationRequest(prompt_ids=prompt, expert="math",
+                                                                           sampling=params))))
+        await asyncio.sleep(0.01)
+        p, e, s = company[2]
+        tasks.append(asyncio.create_task(engine.complete(GenerationRequest(prompt_ids=p, expert=e, sampling=s))))
+        return await asyncio.gather(*tasks)
+
+    busy = asyncio.run(run())[2]
+    assert busy.token_ids == alone.token_ids
+    other_seed = SamplingParams.create(max_new_tokens=16, ignore_eos=True, temperature=0.9, top_p=0.95, top_k=40, seed=8)
+    assert engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math", sampling=other_seed),
+                                timeout=60).token_ids != alone.token_ids
+
+
 def test_version_pinning_across_a_push(model, engine):
     prompt = [30, 31, 32, 33]
     v1_tokens = solo(model, prompt, 60, "math@1")

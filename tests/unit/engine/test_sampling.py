@@ -101,3 +101,57 @@ def test_half_precision_logits_choose_as_fp32_does_in_a_mixed_batch():
             assert lps[i] == pytest.approx(alone_lp[0], abs=1e-6)
     assert tokens[1] == 10
     assert tokens[0] == int(wide[0].argmax()) and tokens[4] == int(wide[4].argmax())
+
+
+def _freqs(logits: torch.Tensor, n: int, **kw) -> torch.Tensor:
+    r = row(seed=11, **kw)
+    counts = torch.zeros(logits.shape[-1])
+    for _ in range(n):
+        counts[sample(logits, [r])[0][0]] += 1
+    return counts / n
+
+
+def test_draws_follow_the_processed_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    # temperature 1: the distribution itself
+    assert torch.allclose(_freqs(logits, 3000, temperature=1.0), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    # top_p 0.7: 0.5 and 0.3 (the tokens above 0.3 hold only 0.5 < 0.7), renormalised
+    assert torch.allclose(_freqs(logits, 3000, temperature=1.0, top_p=0.7), torch.tensor([0.625, 0.375, 0, 0]),
+                          atol=0.03)
+    # top_k 3: the three best, renormalised
+    assert torch.allclose(_freqs(logits, 3000, temperature=1.0, top_k=3), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95,
+                          atol=0.03)
+
+
+def test_a_nucleus_wider_than_the_candidates_is_still_exact(monkeypatch):
+    from ccoe_common.engine import sampler
+
+    # 3000 equally likely tokens hold 99.99% of the mass: top_p 0.5 keeps 1500 of them, more
+    # than the candidates the fast path looks at, so the row is sorted whole.
+    logits = torch.full((1, 5000), -30.0)
+    logits[0, 1000:4000] = 0.0
+    sorted_rows = []
+    real = sampler._draw_sorted
+    monkeypatch.setattr(sampler, "_draw_sorted", lambda *a: sorted_rows.append(1) or real(*a))
+    drawn = {sample(logits, [row(temperature=1.0, top_p=0.5, seed=s)])[0][0] for s in range(200)}
+    assert sorted_rows and len(sorted_rows) == 200
+    assert drawn <= set(range(1000, 4000)) and len(drawn) > 150
+
+
+@pytest.mark.parametrize("vocab", [50, 5000])
+def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch(vocab):
+    # What a row gets may depend only on its logits, parameters and generator: never on how
+    # many rows share the step or what they ask for.
+    gen = torch.Generator().manual_seed(vocab)
+    specs = [{"temperature": 0.8, "seed": 1}, {"temperature": 0.8, "top_p": 0.9, "seed": 2},
+             {"temperature": 1.3, "top_k": 40, "seed": 3}, {"temperature": 0.5, "top_k": 20, "top_p": 0.8, "seed": 4},
+             {}, {"temperature": 0.9, "seed": 5, "logprobs": True}, {"temperature": 1.0, "top_p": 0.95, "seed": 6}]
+    steps = [(torch.randn(len(specs), vocab, generator=gen) * 3).bfloat16() for _ in range(8)]
+    batch_rows = [row(**kw) for kw in specs]
+    together = [sample(logits, batch_rows)[0] for logits in steps]
+    for i, kw in enumerate(specs):
+        alone_row = row(**kw)
+        alone = [sample(logits[i:i + 1], [alone_row])[0][0] for logits in steps]
+        assert alone == [t[i] for t in together], f"row {i} {kw}"
+    # the sampled rows really sample: over 8 steps they do not all repeat one token
+    assert len({t[1] for t in together}) > 1
