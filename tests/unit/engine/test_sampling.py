@@ -123,19 +123,23 @@ def test_draws_follow_the_processed_distribution():
                           atol=0.03)
 
 
-def test_a_nucleus_wider_than_the_candidates_is_still_exact(monkeypatch):
+@pytest.mark.parametrize(("top_p", "sorts"), [(0.5, False), (0.9, True)])
+def test_a_nucleus_wider_than_the_candidates_is_still_exact(top_p, sorts, monkeypatch):
     from ccoe_common.engine import sampler
 
-    # 3000 equally likely tokens hold 99.99% of the mass: top_p 0.5 keeps 1500 of them, more
-    # than the candidates the fast path looks at, so the row is sorted whole.
-    logits = torch.full((1, 5000), -30.0)
-    logits[0, 1000:4000] = 0.0
+    # 12,000 equally likely tokens hold all but ~1e-9 of the mass. top_p 0.5 keeps 6,000 of them:
+    # more than the first candidates, within the wider ones. top_p 0.9 keeps 10,800: beyond
+    # both, so the row is sorted whole.
+    logits = torch.full((1, 20000), -30.0)
+    logits[0, 4000:16000] = 0.0
     sorted_rows = []
     real = sampler._draw_sorted
     monkeypatch.setattr(sampler, "_draw_sorted", lambda *a: sorted_rows.append(1) or real(*a))
-    drawn = {sample(logits, [row(temperature=1.0, top_p=0.5, seed=s)])[0][0] for s in range(200)}
-    assert sorted_rows and len(sorted_rows) == 200
-    assert drawn <= set(range(1000, 4000)) and len(drawn) > 150
+    drawn = [sample(logits, [row(temperature=1.0, top_p=top_p, seed=s)])[0][0] for s in range(200)]
+    assert len(sorted_rows) == (200 if sorts else 0)
+    assert set(drawn) <= set(range(4000, 16000)) and len(set(drawn)) > 150
+    # the draws spread over the nucleus, not only over the first candidates
+    assert max(drawn) - min(drawn) > 3000
 
 
 @pytest.mark.parametrize("vocab", [50, 5000])
