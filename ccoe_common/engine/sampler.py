@@ -184,5 +184,8 @@ def _invert(weights: Tensor, u: Tensor) -> Tensor:
     drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
     # u x total can round up to the total itself: such a draw goes to the last entry with weight.
     for j in (drawn >= weights.shape[-1]).nonzero().flatten().tolist():
-        drawn[j] = int((weights[j] > 0).nonzero().max())
+        live = (weights[j] > 0).nonzero()
+        if not live.numel():  # NaN logits make NaN weights, which pass no target
+            raise ValueError("no token has a finite positive probability: the model's logits are not finite")
+        drawn[j] = int(live.max())
     return drawn

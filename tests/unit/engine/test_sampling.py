@@ -159,3 +159,10 @@ def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch(vocab):
         assert alone == [t[i] for t in together], f"row {i} {kw}"
     # the sampled rows really sample: over 8 steps they do not all repeat one token
     assert len({t[1] for t in together}) > 1
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_p": 0.9}, {"top_k": 3}])
+def test_non_finite_logits_are_named_when_sampling(kw):
+    logits = torch.full((1, 10), float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        sample(logits, [row(temperature=0.8, seed=0, **kw)])
