@@ -84,3 +84,23 @@ def test_text_output(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for name in ("ccoe_mixed", "hf_sequential", "peft_lora", "mixing efficiency", "tokens/s"):
         assert name in text
+
+
+def test_the_baselines_head_on_rows_gives_the_same_logits(qwen2_dir, monkeypatch) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ccoe_common.bench.throughput import head_on_rows
+
+    model = AutoModelForCausalLM.from_pretrained(str(qwen2_dir), dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, model.config.vocab_size, (3, 9))
+    with torch.inference_mode():
+        last = model(input_ids=ids, logits_to_keep=1).logits  # the head gets a strided [B, 1, D] slice
+        every = model(input_ids=ids).logits
+        head_on_rows(model)
+        assert torch.equal(model(input_ids=ids, logits_to_keep=1).logits, last)
+        assert torch.equal(model(input_ids=ids).logits, every)
+        head = model.get_output_embeddings()
+        hidden = torch.randn(3, 9, head.in_features, dtype=torch.bfloat16)[:, -1:, :]
+        monkeypatch.setattr(torch.nn.Linear, "forward", lambda *a: pytest.fail("the head still takes nn.Linear's path"))
+        assert head(hidden).shape == (3, 1, head.out_features)
