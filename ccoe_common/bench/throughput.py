@@ -27,7 +27,7 @@ every round) and each system's rate is the median of its per-round rates.
 
     ccoe bench throughput              # the 159M-parameter "150m" shape, bf16, ~4 minutes on 2 cores
     ccoe bench throughput --quick      # smaller workloads, < 5 minutes on 2 cores
-    ccoe bench throughput --shape 0.5b # Qwen2-0.5B's shape: needs more than 24 GB (see docs/benchmarks.md)
+    ccoe bench throughput --shape 0.5b # Qwen2-0.5B's shape: ~7 minutes, ~10 GB
     ccoe bench throughput --shape tiny --seq-rounds 1 --batch-requests 5 --json
 """
 
@@ -65,8 +65,8 @@ BATCH_SYSTEMS = ("ccoe_mixed", "backbone", "hf_sequential", "ensemble", "peft_lo
 
 # Transformers config overrides for `make_checkpoint`. "0.5b" is Qwen2-0.5B's shape
 # (494M parameters, tied embeddings); its default expert is 5 GL-spread MLP layers (13.2%).
-# On a 24 GB machine it was OOM-killed in peft's 64-row mixed-adapter generate, so the
-# default is "150m" (the memory benchmark's shape, experts at 14.9%).
+# The default is "150m" (the memory benchmark's shape, experts at 14.9%): ~4 minutes on
+# 2 cores, where 0.5b takes ~7.
 SHAPES: dict[str, dict[str, Any]] = {
     "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
