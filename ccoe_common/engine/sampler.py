@@ -52,8 +52,7 @@ def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list
         # the fp32 one; skipping the copy matters for a large vocab (2 cores, 64 rows x 151,936
         # bf16 logits: fp32 copy + argmax 22.8 ms, max(dim) on bf16 6.3 ms; max(dim) is also
         # faster than argmax on the CPU, with the same first-maximum tie rule).
-        greedy_logits = logits if len(plain_greedy) == len(rows) else logits[plain_greedy]
-        for i, tok in zip(plain_greedy, greedy_logits.max(dim=-1).indices.tolist()):
+        for i, tok in zip(plain_greedy, _take(logits, plain_greedy).max(dim=-1).indices.tolist()):
             chosen[i] = tok
     greedy = set(plain_greedy)
     others = [i for i in range(len(rows)) if i not in greedy]
@@ -108,6 +107,12 @@ def _penalize(x: Tensor, r: RowSampling) -> None:
         x[seen] = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
 
 
+def _top_k(r: RowSampling, vocab: int) -> int:
+    """The row's top-k in effect: 0 when off or not below the vocabulary size."""
+    k = r.params.top_k
+    return k if k and k < vocab else 0
+
+
 def _draw(x: Tensor, rows: Sequence[RowSampling]) -> list[int]:
     """x: [S, V] penalised fp32 logits of rows that sample, modified in place -> one token per row."""
     device = x.device
@@ -116,21 +121,19 @@ def _draw(x: Tensor, rows: Sequence[RowSampling]) -> list[int]:
     # One uniform draw per row and step, from the row's own generator.
     u = torch.stack([torch.rand((), generator=r.generator, device=device) for r in rows])
     tokens = [0] * len(rows)
-
-    def truncated(r: RowSampling) -> bool:
-        return bool(r.params.top_k and r.params.top_k < vocab) or r.params.top_p < 1.0
-
-    plain = [j for j, r in enumerate(rows) if not truncated(r)]
+    plain: list[int] = []
+    by_width: dict[int, list[int]] = {}  # top-k / top-p rows by how many candidates they need
+    for j, r in enumerate(rows):
+        k = _top_k(r, vocab)
+        if not k and r.params.top_p >= 1.0:
+            plain.append(j)
+        else:
+            by_width.setdefault(k if k > CANDIDATES else min(CANDIDATES, vocab), []).append(j)
     if plain:
         weights = _take(x, plain)
         weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()  # softmax, short of normalising
         for j, tok in zip(plain, _invert(weights, u[plain]).tolist()):
             tokens[j] = tok
-    by_width: dict[int, list[int]] = {}
-    for j, r in enumerate(rows):
-        if truncated(r):
-            k = r.params.top_k if r.params.top_k and r.params.top_k < vocab else 0
-            by_width.setdefault(k if k > CANDIDATES else min(CANDIDATES, vocab), []).append(j)
     for width, group in by_width.items():
         for j, tok in zip(group, _draw_truncated(x[group], [rows[j] for j in group], u[group], width)):
             tokens[j] = tok
@@ -142,8 +145,7 @@ def _draw_truncated(x: Tensor, rows: Sequence[RowSampling], u: Tensor, width: in
     vocab = x.shape[-1]
     device = x.device
     values, ids = torch.topk(x, width, dim=-1)  # [S, C], best first
-    top_k = torch.tensor([r.params.top_k if r.params.top_k and r.params.top_k < vocab else vocab for r in rows],
-                         device=device)
+    top_k = torch.tensor([_top_k(r, vocab) or vocab for r in rows], device=device)
     in_k = torch.arange(width, device=device)[None, :] < top_k[:, None]
     # Probabilities over what top-k leaves: the k best when top-k applies, else the whole row.
     # softmax rather than logsumexp: its per-row kernel gives a row the same bits in any batch,
@@ -158,23 +160,14 @@ def _draw_truncated(x: Tensor, rows: Sequence[RowSampling], u: Tensor, width: in
     cum = torch.cumsum(probs, dim=-1)
     keep = (cum - probs) < top_p[:, None]
     tokens = ids.gather(1, _invert(probs * keep, u)[:, None]).squeeze(1).tolist()
-    # A top-p row whose candidates fall short of top_p has its nucleus outside them.
+    # A top-p row whose candidates fall short of top_p has its nucleus outside them: it draws
+    # again from the wider count, then from its whole vocabulary in order (a full sort).
     short = [j for j, s in enumerate(((~has_k) & (cum[:, -1] < top_p)).tolist()) if s]
-    if short and width < WIDER_CANDIDATES < vocab:
-        wider = _draw_truncated(x[short], [rows[j] for j in short], u[short], WIDER_CANDIDATES)
-        for j, tok in zip(short, wider):
+    if short and width < vocab:
+        wider = WIDER_CANDIDATES if width < WIDER_CANDIDATES < vocab else vocab
+        for j, tok in zip(short, _draw_truncated(x[short], [rows[j] for j in short], u[short], wider)):
             tokens[j] = tok
-    else:
-        for j in short:
-            tokens[j] = _draw_sorted(x[j], rows[j].params.top_p, u[j])
     return tokens
-
-
-def _draw_sorted(x: Tensor, top_p: float, u: Tensor) -> int:
-    sorted_x, order = torch.sort(x, descending=True)
-    probs = torch.softmax(sorted_x, dim=-1)
-    keep = (torch.cumsum(probs, dim=-1) - probs) < top_p
-    return int(order[_invert((probs * keep)[None], u[None])[0]])
 
 
 def _invert(weights: Tensor, u: Tensor) -> Tensor:

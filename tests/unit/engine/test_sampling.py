@@ -133,8 +133,14 @@ def test_a_nucleus_wider_than_the_candidates_is_still_exact(top_p, sorts, monkey
     logits = torch.full((1, 20000), -30.0)
     logits[0, 4000:16000] = 0.0
     sorted_rows = []
-    real = sampler._draw_sorted
-    monkeypatch.setattr(sampler, "_draw_sorted", lambda *a: sorted_rows.append(1) or real(*a))
+    real = sampler._draw_truncated
+
+    def spy(x, rows, u, width):  # a draw over every token of the row is the full sort
+        if width == x.shape[-1]:
+            sorted_rows.append(1)
+        return real(x, rows, u, width)
+
+    monkeypatch.setattr(sampler, "_draw_truncated", spy)
     drawn = [sample(logits, [row(temperature=1.0, top_p=top_p, seed=s)])[0][0] for s in range(200)]
     assert len(sorted_rows) == (200 if sorts else 0)
     assert set(drawn) <= set(range(4000, 16000)) and len(set(drawn)) > 150
