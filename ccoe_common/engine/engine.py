@@ -368,7 +368,8 @@ class Engine:
         if selector is None:
             return None
         name, version = (selector.name, selector.version) if isinstance(selector, ExpertKey) else ExpertKey.parse(selector)
-        live = [k for k in self.model.versions_of(name) if k not in self._draining and k not in self._staged]
+        closed = self._draining | self._staged  # resident, but not for a request that did not ask for staged
+        live = [k for k in self.model.versions_of(name) if k not in closed]
         if version is None:
             if live:
                 return live[-1]
@@ -382,7 +383,7 @@ class Engine:
                 return ExpertKey(name, version)
             raise ExpertUnavailable(f"expert {name}@{version} is still being smoke-tested here (staged); "
                                     f"live versions: {[k.version for k in live] or 'none'}")
-        resident = sorted({str(k) for k in self.model.resident() if k not in self._draining and k not in self._staged})
+        resident = sorted({str(k) for k in self.model.resident() if k not in closed})
         raise ExpertUnavailable(f"expert {selector!s} is not served here; resident experts: {resident or 'none'}")
 
     def _release_if_drained(self, key: ExpertKey) -> None:
