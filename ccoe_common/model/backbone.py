@@ -102,8 +102,13 @@ class Backbone(nn.Module):
         batch: AttentionBatch,
         groups: Sequence[RowGroup] = (),
         logits_at: Tensor | None = None,
+        rows_out: Tensor | None = None,
     ) -> Tensor:
-        """input_ids: [B, T] -> logits [B, T, V], or [B, V] at `logits_at` ([B] token index per row)."""
+        """input_ids: [B, T] -> logits [B, T, V], or [B, V] at `logits_at` ([B] token index per row).
+
+        rows_out: [B], output row i is batch row rows_out[i] (default: the batch's order). The
+        rows are reordered before the LM head, where a row is D wide instead of V.
+        """
         h = self.embed_tokens(input_ids)  # [B, T, D]
         experts_present = any(g.expert is not None for g in groups)
         for i, layer in enumerate(self.layers):
@@ -113,6 +118,8 @@ class Backbone(nn.Module):
                 h = self._layer_fn(layer.parts(), h, batch, i)
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # [B, D]
+        if rows_out is not None:
+            h = h[rows_out]
         return head_logits(self.lm_head, self.norm(h))
 
     def _mixed_layer(self, i: int, layer: DecoderLayer, h: Tensor, batch: AttentionBatch, groups: Sequence[RowGroup]) -> Tensor:

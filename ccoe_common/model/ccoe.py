@@ -218,10 +218,7 @@ class CCoEModel:
 
         batch = self.backbone.attention_batch(permuted(positions), permuted(query_lens), cache,
                                               permuted(None if slots is None else slots.to(device)))
-        out = self.backbone(permuted(input_ids), batch, groups,
-                            permuted(None if logits_at is None else logits_at.to(device)))
-        if perm is None:
-            return out
-        restored = torch.empty_like(out)
-        restored[perm] = out
-        return restored
+        # The caller's row r sits at position unperm[r] of the sorted batch.
+        unperm = None if perm is None else torch.argsort(perm)
+        return self.backbone(permuted(input_ids), batch, groups,
+                             permuted(None if logits_at is None else logits_at.to(device)), unperm)
