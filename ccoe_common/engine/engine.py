@@ -36,6 +36,7 @@ from ccoe_common.engine.errors import (
     DeadlineExceeded,
     EngineError,
     EngineStopped,
+    ExpertNotReady,
     ExpertUnavailable,
     InvalidRequest,
 )
@@ -381,8 +382,8 @@ class Engine:
         elif ExpertKey(name, version) in self._staged:
             if allow_staged:
                 return ExpertKey(name, version)
-            raise ExpertUnavailable(f"expert {name}@{version} is still being smoke-tested here (staged); "
-                                    f"live versions: {[k.version for k in live] or 'none'}")
+            raise ExpertNotReady(f"expert {name}@{version} is still being smoke-tested here (staged); retry in a "
+                                 f"few seconds; live versions: {[k.version for k in live] or 'none'}")
         resident = sorted({str(k) for k in self.model.resident() if k not in closed})
         raise ExpertUnavailable(f"expert {selector!s} is not served here; resident experts: {resident or 'none'}")
 

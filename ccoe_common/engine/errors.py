@@ -37,6 +37,14 @@ class ExpertUnavailable(EngineError, LookupError):
     code = "NOT_FOUND"
 
 
+class ExpertNotReady(ExpertUnavailable):
+    """The version is resident but still staged: its smoke test runs, and it serves once that
+    passes (seconds), or is removed if it fails. Transient, so UNAVAILABLE and retryable."""
+
+    code = "UNAVAILABLE"
+    retryable = True
+
+
 class Overloaded(EngineError):
     """The waiting queue is full. Retry after `retry_after_s` seconds, or on another replica."""
 

@@ -148,8 +148,10 @@ def test_a_staged_version_serves_only_its_smoke_test_until_admitted(model, engin
 
     by_name = engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math", sampling=greedy(4)), timeout=60)
     assert by_name.expert == ExpertKey("math", 1)  # the newest *admitted* version
-    with pytest.raises(ExpertUnavailable, match=r"math@2 is still being smoke-tested here \(staged\); live versions: \[1\]"):
+    with pytest.raises(ExpertUnavailable, match=r"math@2 is still being smoke-tested here \(staged\); retry in a few "
+                                                r"seconds; live versions: \[1\]") as refused:
         engine.submit(GenerationRequest(prompt_ids=prompt, expert="math@2", sampling=greedy(2)), lambda ev: None)
+    assert (refused.value.code, refused.value.retryable) == ("UNAVAILABLE", True)  # transient, unlike a missing version
     trial = engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math@2", sampling=greedy(8),
                                                    allow_staged=True), timeout=60)
     assert trial.expert == ExpertKey("math", 2) and trial.token_ids == solo(model, prompt, 8, "math@2")
