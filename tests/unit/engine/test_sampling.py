@@ -123,29 +123,63 @@ def test_draws_follow_the_processed_distribution():
                           atol=0.03)
 
 
-@pytest.mark.parametrize(("top_p", "sorts"), [(0.5, False), (0.9, True)])
-def test_a_nucleus_wider_than_the_candidates_is_still_exact(top_p, sorts, monkeypatch):
+@pytest.mark.parametrize("top_p", [0.5, 0.9])
+def test_a_nucleus_wider_than_the_candidates_is_still_exact(top_p, monkeypatch):
     from ccoe_common.engine import sampler
 
-    # 12,000 equally likely tokens hold all but ~1e-9 of the mass. top_p 0.5 keeps 6,000 of them:
-    # more than the first candidates, within the wider ones. top_p 0.9 keeps 10,800: beyond
-    # both, so the row is sorted whole.
+    # 12,000 equally likely tokens hold all but ~1e-9 of the mass. top_p 0.5 keeps 6,000 of them,
+    # 0.9 keeps 10,800: far more than the candidates, so the row draws by its nucleus' threshold.
     logits = torch.full((1, 20000), -30.0)
     logits[0, 4000:16000] = 0.0
-    sorted_rows = []
-    real = sampler._draw_truncated
+    nucleus_rows = []
+    real = sampler._draw_nucleus
 
-    def spy(x, rows, u, width):  # a draw over every token of the row is the full sort
-        if width == x.shape[-1]:
-            sorted_rows.append(1)
-        return real(x, rows, u, width)
+    def spy(probs, top_p, u):
+        nucleus_rows.append(probs.shape[0])
+        return real(probs, top_p, u)
 
-    monkeypatch.setattr(sampler, "_draw_truncated", spy)
+    monkeypatch.setattr(sampler, "_draw_nucleus", spy)
     drawn = [sample(logits, [row(temperature=1.0, top_p=top_p, seed=s)])[0][0] for s in range(200)]
-    assert len(sorted_rows) == (200 if sorts else 0)
+    assert nucleus_rows == [1] * 200
     assert set(drawn) <= set(range(4000, 16000)) and len(set(drawn)) > 150
     # the draws spread over the nucleus, not only over the first candidates
     assert max(drawn) - min(drawn) > 3000
+
+
+def _sorted_nucleus(probs: torch.Tensor, top_p: float, slack: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted top-p rule, in float64: (tokens it keeps, tokens it drops), leaving out the
+    tokens whose better-ranked mass is within `slack` of top_p (fp32 rounding decides those)."""
+    values, ids = probs.sort(descending=True)
+    above = values.double().cumsum(0) - values.double()
+    kept, dropped = torch.zeros_like(probs, dtype=torch.bool), torch.zeros_like(probs, dtype=torch.bool)
+    kept[ids[above < top_p - slack]] = True
+    dropped[ids[above >= top_p + slack]] = True
+    return kept, dropped
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 8.0])
+def test_the_nucleus_threshold_keeps_what_sorting_keeps(scale):
+    from ccoe_common.engine.sampler import _nucleus_threshold
+
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    probs = torch.softmax(torch.randn(6, 30000, generator=gen) * scale, dim=-1)
+    top_p = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.95, 0.999])
+    threshold = _nucleus_threshold(probs.clone(), top_p)
+    for r in range(len(top_p)):
+        got = probs[r] >= threshold[r]
+        kept, dropped = _sorted_nucleus(probs[r], float(top_p[r]))
+        assert bool(got[kept].all()) and not bool(got[dropped].any()), f"row {r}, top_p {float(top_p[r])}"
+    # and the threshold of one row does not depend on the rows beside it
+    for r in range(len(top_p)):
+        assert torch.equal(_nucleus_threshold(probs[r:r + 1].clone(), top_p[r:r + 1]), threshold[r:r + 1])
+
+
+def test_a_top_p_just_below_one_keeps_every_token():
+    from ccoe_common.engine.sampler import _nucleus_threshold
+
+    probs = torch.softmax(torch.randn(2, 5000, generator=torch.Generator().manual_seed(3)), dim=-1)
+    threshold = _nucleus_threshold(probs, torch.tensor([1.0 - 1e-9, 1.0 - 1e-9]))
+    assert bool((probs >= threshold[:, None]).all())
 
 
 @pytest.mark.parametrize("vocab", [50, 5000])
@@ -155,7 +189,8 @@ def test_a_seeded_row_draws_the_same_tokens_alone_or_in_any_batch(vocab):
     gen = torch.Generator().manual_seed(vocab)
     specs = [{"temperature": 0.8, "seed": 1}, {"temperature": 0.8, "top_p": 0.9, "seed": 2},
              {"temperature": 1.3, "top_k": 40, "seed": 3}, {"temperature": 0.5, "top_k": 20, "top_p": 0.8, "seed": 4},
-             {}, {"temperature": 0.9, "seed": 5, "logprobs": True}, {"temperature": 1.0, "top_p": 0.95, "seed": 6}]
+             {}, {"temperature": 0.9, "seed": 5, "logprobs": True}, {"temperature": 1.0, "top_p": 0.95, "seed": 6},
+             {"temperature": 4.0, "top_p": 0.95, "seed": 7}]  # flat: at vocab 5000, a nucleus beyond the candidates
     steps = [(torch.randn(len(specs), vocab, generator=gen) * 3).bfloat16() for _ in range(8)]
     batch_rows = [row(**kw) for kw in specs]
     together = [sample(logits, batch_rows)[0] for logits in steps]
