@@ -22,9 +22,14 @@ from ccoe_common.model.config import BackboneConfig, RopeConfig
 from ccoe_common.model.packing import RowStack, stack_rows
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _half_on_cpu(x: Tensor) -> bool:
     """Where the CPU fast paths below apply (measured faster only for bf16/fp16 on the CPU)."""
-    return x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
+    # `is_cpu` rather than `device.type`: no device object per call. It runs for every
+    # projection; a one-row 150m step without its products went 4.80 -> 4.67 ms.
+    return x.dtype in _HALF and x.is_cpu
 
 
 class Linear(nn.Linear):
