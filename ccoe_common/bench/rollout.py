@@ -292,7 +292,7 @@ def collect(wl: Workload, workdir: Path, step: Callable[[str], None]) -> dict[st
 
     from ccoe_common.pb import inference_pb2_grpc
     from ccoe_common.registry.client import RegistryClient, RolloutFailed
-    from ccoe_common.registry.redis_server import free_port
+    from ccoe_common.ports import free_port
     from ccoe_common.serving.config import AppConfig
     from ccoe_common.serving.local_stack import LocalStack
 

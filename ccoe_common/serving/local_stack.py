@@ -12,7 +12,8 @@ import os
 import tempfile
 import time
 
-from ccoe_common.registry.redis_server import RedisServer, free_port
+from ccoe_common.ports import free_port
+from ccoe_common.registry.redis_server import RedisServer
 from ccoe_common.serving.config import AppConfig
 
 log = logging.getLogger(__name__)

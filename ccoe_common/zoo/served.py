@@ -18,7 +18,7 @@ import yaml
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
 from ccoe_common.registry.client import RegistryClient
-from ccoe_common.registry.redis_server import free_port
+from ccoe_common.ports import free_port
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
 from ccoe_common.zoo.rules import RuleTable as ZooRules

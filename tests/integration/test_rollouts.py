@@ -21,7 +21,8 @@ from ccoe_common.model import CCoEModel
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
 from ccoe_common.registry.client import RegistryClient, RolloutFailed, policy
-from ccoe_common.registry.redis_server import RedisServer, free_port
+from ccoe_common.ports import free_port
+from ccoe_common.registry.redis_server import RedisServer
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
 

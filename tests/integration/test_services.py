@@ -21,7 +21,7 @@ from ccoe_common.experts.artifact import read_artifact
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc, registry_pb2_grpc
 from ccoe_common.pb import registry_pb2 as rpb
-from ccoe_common.registry.redis_server import free_port
+from ccoe_common.ports import free_port
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
 

@@ -11,7 +11,7 @@ import asyncio
 import grpc
 import pytest
 
-from ccoe_common.registry.redis_server import free_port
+from ccoe_common.ports import free_port
 from ccoe_common.serving.grpc_servicers import _cancel_safe, _guard_streams
 
 METHOD = "/test.Stream/Count"
