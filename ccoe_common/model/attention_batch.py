@@ -21,6 +21,17 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class DecodeRow:
+    """A forward of exactly one token of one sequence, with a KV cache: what attention needs
+    as plain integers, so the layers can take their one-row path (`Attention.forward_row`)."""
+
+    slot: int
+    position: int  # of the new token; its keys are the slot's positions 0..position
+    cos: Tensor  # [E] rotary tables of that position, as in AttentionBatch
+    sin: Tensor
+
+
+@dataclass(frozen=True)
 class AttentionBatch:
     positions: Tensor  # [B, T] absolute position of each query token
     query_lens: Tensor  # [B] real (non-padding) tokens per row
@@ -48,6 +59,7 @@ class AttentionBatch:
     # causal attention, which the kernels run without a mask and without the masked-out
     # half of the work (mask is then None).
     causal: bool = False
+    row: DecodeRow | None = None  # set when the batch is one token of one cached sequence
 
     def attention_order(self) -> tuple[Tensor | None, Tensor | None]:
         """(row order the cache read returns, mask in that order); order None = as the rows."""
@@ -122,9 +134,12 @@ def build_attention_batch(
         if start is not None:
             first, kv_order, kv_unorder = start, order, order.argsort()
             kv_mask = None if mask is None else mask[order]
+    row = None
+    if b == 1 and t == 1 and first is not None and write_rows.numel() == 1:
+        row = DecodeRow(first, key_len - 1, cos.reshape(-1), sin.reshape(-1))
     return AttentionBatch(
         positions, query_lens, mask, cos, sin, cache, slots, write_rows, write_cols, key_len,
-        first, slots[write_rows], positions[write_rows, write_cols], kv_order, kv_unorder, kv_mask, causal,
+        first, slots[write_rows], positions[write_rows, write_cols], kv_order, kv_unorder, kv_mask, causal, row,
     )
 
 

@@ -25,7 +25,7 @@ from ccoe_common.model.packing import RowStack, stack_rows
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _half_on_cpu(x: Tensor) -> bool:
+def half_on_cpu(x: Tensor) -> bool:
     """Where the CPU fast paths below apply (measured faster only for bf16/fp16 on the CPU)."""
     # `is_cpu` rather than `device.type`: no device object per call. It runs for every
     # projection; a one-row 150m step without its products went 4.80 -> 4.67 ms.
@@ -46,12 +46,21 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def row_product(lin: nn.Linear, x: Tensor) -> Tensor:
+    """`lin(x)` for one half-precision row on the CPU, x [in] -> [out]: the same `mv` as
+    `linear`, without its checks and reshapes and without nn.Module's call (~5 us a product
+    in all; a one-row 150m step makes 111 of them)."""
+    return _mv(lin.weight, lin.bias, x)
+
+
+def _mv(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    return torch.mv(weight, x) if bias is None else torch.addmv(bias, weight, x)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear`, with a single half-precision row on the CPU through `torch.mv` (see Linear)."""
-    if x.numel() == weight.shape[1] and _half_on_cpu(x):
-        flat = x.reshape(-1)
-        out = torch.mv(weight, flat) if bias is None else torch.addmv(bias, weight, flat)
-        return out.view(*x.shape[:-1], weight.shape[0])
+    if x.numel() == weight.shape[1] and half_on_cpu(x):
+        return _mv(weight, bias, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -68,7 +77,7 @@ def head_logits(head: nn.Linear, h: Tensor) -> Tensor:
     39.9 ms (slower, hence the limit). A 32,000 x 768 head: 13 rows 5.1 vs 3.0 ms.
     The logits come back as a transposed view; the sampler reads it in place.
     """
-    if h.dim() == 2 and 1 < h.shape[0] <= TRANSPOSED_HEAD_MAX_ROWS and head.bias is None and _half_on_cpu(h):
+    if h.dim() == 2 and 1 < h.shape[0] <= TRANSPOSED_HEAD_MAX_ROWS and head.bias is None and half_on_cpu(h):
         return (head.weight @ h.t()).t()
     return head(h)
 
@@ -80,10 +89,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # transformers normalises in fp32, casts back, then scales; `F.rms_norm` without a
-        # weight does the first two in one kernel (fp32 inside, same bits: tested), which
-        # saves ~6 us of small ops per norm when decoding one row.
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return rms_norm(self, x)
+
+
+def rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
+    """`norm(x)` without the module call (the one-row path calls it 45 times a step)."""
+    # transformers normalises in fp32, casts back, then scales; `F.rms_norm` without a
+    # weight does the first two in one kernel (fp32 inside, same bits: tested), which
+    # saves ~6 us of small ops per norm when decoding one row.
+    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=norm.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
@@ -170,6 +184,32 @@ class Attention(nn.Module):
             out = out[batch.kv_unorder]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * e))
 
+    def forward_row(self, x: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
+        """`forward` for one token of one cached sequence (`batch.row`) in half precision on
+        the CPU: x [D] -> [D].
+
+        The same kernels on the same values as `forward`, hence the same bits (tested), with
+        about half the small ops: no batch or token dimensions to move, products straight to
+        `mv` (row_product), and the cache written by slicing at the row's integer slot and
+        position instead of through index tensors. See `Backbone._row_layers`.
+        """
+        row, cache = batch.row, batch.cache
+        assert row is not None and cache is not None, "forward_row needs a batch with .row (one cached token)"
+        h, g, e = self.num_heads, self.num_kv_heads, self.head_dim
+        stacked = None if self._qkv is None else self._qkv.view((self.q_proj, self.k_proj, self.v_proj))
+        if stacked is not None:
+            qkv = _mv(*stacked, x).view(h + 2 * g, e)
+            qk = apply_rotary(qkv[: h + g], row.cos, row.sin)
+            q, k, v = qk[:h], qk[h:], qkv[h + g:]
+        else:
+            q = apply_rotary(row_product(self.q_proj, x).view(h, e), row.cos, row.sin)
+            k = apply_rotary(row_product(self.k_proj, x).view(g, e), row.cos, row.sin)
+            v = row_product(self.v_proj, x).view(g, e)
+        keys, values = cache.write_and_read_row(layer, k, v, row)  # [G, K, E]
+        # As in _attend's decode case: the H/G query heads of a key/value head are its rows.
+        out = F.scaled_dot_product_attention(q.reshape(1, g, h // g, e), keys[None], values[None])
+        return row_product(self.o_proj, out.reshape(h * e))
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
         # q: [B, H, T, E]; k, v: [B, G, K, E]; mask: [B, 1, T, K] or None
         b, h, t, e = q.shape
@@ -199,9 +239,14 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
-        if 1 < rows <= TRANSPOSED_MLP_MAX_ROWS and _half_on_cpu(x):
+        if 1 < rows <= TRANSPOSED_MLP_MAX_ROWS and half_on_cpu(x):
             return _transposed_mlp(self, x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def row_mlp(mlp: MLP, x: Tensor) -> Tensor:
+    """`mlp(x)` for one half-precision row on the CPU, x [D] -> [D] (see row_product)."""
+    return row_product(mlp.down_proj, F.silu(row_product(mlp.gate_proj, x)) * row_product(mlp.up_proj, x))
 
 
 # Above this many rows the plain MLP is faster again: the transposed GEMMs lose their edge
