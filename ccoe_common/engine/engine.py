@@ -13,7 +13,8 @@ Experts change without stopping the loop. `push` reads and validates the artifac
 caller's thread, then adds the new version atomically; requests name their expert version at
 submission ("math" resolves to the newest version then) and keep it to the end. `pop` marks
 versions as draining: new requests for them are refused, accepted ones finish, and the
-weights are freed when the last one ends.
+weights are freed when the last one ends. That bookkeeping is `ExpertResidency`
+(engine/residency.py); the engine acquires a version per request and releases it at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -31,23 +31,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ccoe_common.engine.detokenizer import IncrementalDetokenizer
-from ccoe_common.engine.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    EngineError,
-    EngineStopped,
-    ExpertNotReady,
-    ExpertUnavailable,
-    InvalidRequest,
-)
+from ccoe_common.engine.errors import Cancelled, DeadlineExceeded, EngineError, EngineStopped, InvalidRequest
 from ccoe_common.engine.malloc import retain_freed_memory
 from ccoe_common.engine.openmp import release_openmp_workers
 from ccoe_common.engine.params import GenerationRequest, GenerationResult, Timings, TokenDelta, Usage
+from ccoe_common.engine.residency import ExpertResidency
 from ccoe_common.engine.sampler import RowSampling, make_generator, sample
 from ccoe_common.engine.scheduler import PrefillChunk, Scheduler, Sequence, StepPlan
 from ccoe_common.engine.templates import TemplateError, render_alpaca, render_chat
 from ccoe_common.experts.artifact import ExpertArtifact
-from ccoe_common.experts.errors import ExpertNotResident
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model.ccoe import CCoEModel
 from ccoe_common.model.expert import LoadedExpert
@@ -136,11 +128,10 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
-        self._lock = threading.Lock()  # guards scheduler queues, _refs, _draining, _staged, _by_id
-        self._refs: Counter[ExpertKey] = Counter()
-        self._draining: set[ExpertKey] = set()
-        self._staged: set[ExpertKey] = set()
-        self._drained: dict[ExpertKey, threading.Event] = {}
+        self.residency = ExpertResidency(model)  # which versions requests may pin; frees drained ones
+        # Guards the scheduler's queues and _by_id. Taken before the residency's own lock,
+        # never while holding it.
+        self._lock = threading.Lock()
         self._by_id: dict[str, Sequence] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -217,10 +208,13 @@ class Engine:
         with self._lock:
             if request.request_id in self._by_id:
                 raise InvalidRequest("request_id", f"{request.request_id!r} is already in flight")
-            seq.expert = self._pin_expert(request.expert, request.allow_staged)
-            self.scheduler.add(seq)  # may raise Overloaded
-            if seq.expert is not None:
-                self._refs[seq.expert] += 1
+            # Resolved once, here: every step of this request runs on this version.
+            seq.expert = self.residency.acquire(request.expert, allow_staged=request.allow_staged)
+            try:
+                self.scheduler.add(seq)  # may raise Overloaded
+            except Exception:
+                self.residency.release(seq.expert)
+                raise
             self._by_id[seq.request_id] = seq
         self._wake.set()
 
@@ -306,53 +300,25 @@ class Engine:
         staged: resident but not yet serving: only requests with allow_staged run on it (a smoke
         test), name-only requests keep resolving to older versions, until `admit(key)`."""
         expert = source if isinstance(source, LoadedExpert) else self.load(source)
-        with self._lock:
-            if expert.key in self._draining:
-                raise ExpertUnavailable(f"expert {expert.key} is still draining after a pop; push another version")
-            key = self.model.push(expert)
-            if staged:
-                self._staged.add(key)
-            return key
+        return self.residency.push(expert, staged=staged)
 
     def admit(self, key: ExpertKey) -> None:
         """Let every request run on a staged version (it passed its smoke test)."""
-        with self._lock:
-            if key not in self._staged:
-                state = "draining" if key in self._draining else (
-                    "already admitted" if key in self.model.resident() else "not resident")
-                raise ExpertUnavailable(f"expert {key} is not staged here ({state}); push it with staged=True first")
-            self._staged.discard(key)
+        self.residency.admit(key)
 
     def pop(self, name: str, version: int | None = None, *, export_to: str | None = None,
             wait: float | None = None) -> list[ExpertKey]:
         """Retire one version (or all versions) of `name`: refuse new requests for it, let
         accepted ones finish, free it after the last. `wait` blocks up to that many seconds
         until freed. With export_to, a deep copy of the newest retired version is written first."""
-        with self._lock:
-            try:
-                keys = ([self.model.get(ExpertKey(name, version)).key] if version is not None
-                        else self.model.versions_of(name))
-            except ExpertNotResident as e:
-                raise ExpertUnavailable(str(e)) from e
-            keys = [k for k in keys if k not in self._draining]
-            if not keys:
-                raise ExpertUnavailable(f"no resident, non-draining version of expert {name!r}")
+        keys = self.residency.retirable(name, version)
         if export_to is not None:
-            # Outside the lock: writing an artifact must not hold up the step loop. The
-            # expert stays resident (and serving) until it is marked draining below.
+            # Before draining: the expert stays resident (and serving) while it is written,
+            # and writing an artifact holds no lock the step loop needs.
             self.model.export(keys[-1], export_to)
-        with self._lock:
-            keys = [k for k in keys if k not in self._draining and k in self.model.resident()]
-            events = []
-            for key in keys:
-                self._draining.add(key)
-                self._drained[key] = threading.Event()
-                events.append(self._drained[key])
-                self._release_if_drained(key)
-        if wait is not None:
-            for event in events:
-                if not event.wait(wait):
-                    raise TimeoutError(f"expert {name!r} still has requests in flight after {wait}s")
+        keys = self.residency.drain(keys)
+        if wait is not None and not self.residency.wait_for_unload(keys, wait):
+            raise TimeoutError(f"expert {name!r} still has requests in flight after {wait}s")
         return keys
 
     def stats(self) -> EngineStats:
@@ -360,42 +326,11 @@ class Engine:
             return EngineStats(
                 running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                 free_slots=len(self.scheduler.free_slots), steps=self._steps, generated_tokens=self._generated,
-                resident=self.model.memory_report().experts, draining=sorted(map(str, self._draining)),
-                staged=sorted(map(str, self._staged)),
+                resident=self.model.memory_report().experts,
+                draining=sorted(map(str, self.residency.draining())),
+                staged=sorted(map(str, self.residency.staged())),
                 kv_cache_bytes=self.cache.nbytes,
             )
-
-    def _pin_expert(self, selector: str | ExpertKey | None, allow_staged: bool = False) -> ExpertKey | None:
-        if selector is None:
-            return None
-        name, version = (selector.name, selector.version) if isinstance(selector, ExpertKey) else ExpertKey.parse(selector)
-        closed = self._draining | self._staged  # resident, but not for a request that did not ask for staged
-        live = [k for k in self.model.versions_of(name) if k not in closed]
-        if version is None:
-            if live:
-                return live[-1]
-        elif ExpertKey(name, version) in live:
-            return ExpertKey(name, version)
-        elif ExpertKey(name, version) in self._draining:
-            raise ExpertUnavailable(f"expert {name}@{version} is being removed (draining); "
-                                    f"live versions: {[k.version for k in live] or 'none'}")
-        elif ExpertKey(name, version) in self._staged:
-            if allow_staged:
-                return ExpertKey(name, version)
-            raise ExpertNotReady(f"expert {name}@{version} is still being smoke-tested here (staged); retry in a "
-                                 f"few seconds; live versions: {[k.version for k in live] or 'none'}")
-        resident = sorted({str(k) for k in self.model.resident() if k not in closed})
-        raise ExpertUnavailable(f"expert {selector!s} is not served here; resident experts: {resident or 'none'}")
-
-    def _release_if_drained(self, key: ExpertKey) -> None:
-        # Caller holds self._lock.
-        if key in self._draining and self._refs[key] == 0:
-            self.model.pop(key.name, key.version)
-            self._draining.discard(key)
-            self._staged.discard(key)
-            del self._refs[key]
-            self._drained.pop(key).set()
-            log.info("expert %s drained and freed", key)
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         if request.prompt_ids is not None:
@@ -553,9 +488,7 @@ class Engine:
         if self._by_id.pop(seq.request_id, None) is None:
             return
         self.scheduler.finish(seq)
-        if seq.expert is not None:
-            self._refs[seq.expert] -= 1
-            self._release_if_drained(seq.expert)
+        self.residency.release(seq.expert)
 
     def _fail(self, seq: Sequence, error: EngineError) -> None:
         with self._lock:

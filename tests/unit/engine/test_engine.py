@@ -261,9 +261,10 @@ def test_overload_is_retryable_and_nothing_queued_is_lost(model):
             time.sleep(0.001)
         eng.submit(GenerationRequest(prompt_ids=[6], sampling=greedy(5)), sinks[1].append)
         with pytest.raises(Overloaded) as err:
-            eng.submit(GenerationRequest(prompt_ids=[7], sampling=greedy(5)), lambda ev: None)
+            eng.submit(GenerationRequest(prompt_ids=[7], expert="math", sampling=greedy(5)), lambda ev: None)
         assert err.value.retryable and err.value.code == "RESOURCE_EXHAUSTED" and "retry in 1.0s" in str(err.value)
         assert "all 1 sequence slots are busy" in str(err.value)
+        assert eng.residency.in_use(ExpertKey("math", 1)) == 0, "a refused request holds no version"
         deadline = time.monotonic() + 60
         while not all(s and getattr(s[-1], "finish_reason", None) for s in sinks) and time.monotonic() < deadline:
             time.sleep(0.01)
