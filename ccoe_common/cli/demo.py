@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
         # One forward, three rows on three routes: each row must equal that row run alone.
         ids = torch.tensor([tok(DEMO_PROMPTS[0], add_special_tokens=False).input_ids] * 3)
-        selectors = [None, "math", "sql"]
+        selectors = model.resolve([None, "math", "sql"])
         with torch.inference_mode():
             mixed = model.forward(ids, selectors)
             alone = torch.cat([model.forward(ids[i:i + 1], [s]) for i, s in enumerate(selectors)])

@@ -3,6 +3,7 @@
     model = CCoEModel.from_pretrained("/models/qwen2-0.5b")
     model.push("file:///artifacts/math/v2")          # -> ExpertKey("math", 2)
     logits = model.forward(ids, [ExpertKey("math", 2), None])   # row 0 on math, row 1 bare
+    logits = model.forward(ids, model.resolve(["math", None]))  # names resolved once, first
     model.pop("math", export_to="file:///tmp/math-copy")       # deep copy out, then free
 
 Several versions of one expert may be resident together (rollouts pin requests to the
@@ -139,6 +140,12 @@ class CCoEModel:
                 key = self._resolve_key(name, version)
             return self._experts[key]
 
+    def resolve(self, selectors: Sequence[ExpertSelector]) -> list[ExpertKey | None]:
+        """The resident version each selector names now, for `forward`: ["math", "sql@1", None]
+        -> [ExpertKey("math", 2), ExpertKey("sql", 1), None]. Resolve once per request, not per
+        step: "math" means the newest version at the time of the call."""
+        return [None if s is None else self.get(s).key for s in selectors]
+
     def resident(self) -> list[ExpertKey]:
         with self._lock:
             return sorted(self._experts)
@@ -164,6 +171,22 @@ class CCoEModel:
             )
         return key
 
+    def _loaded(self, keys: Sequence[ExpertKey | None]) -> list[LoadedExpert | None]:
+        with self._lock:
+            loaded: list[LoadedExpert | None] = []
+            for key in keys:
+                if key is None:
+                    loaded.append(None)
+                elif not isinstance(key, ExpertKey):
+                    raise TypeError(f"forward takes an ExpertKey or None per row, got {key!r}; "
+                                    "resolve names once with model.resolve([...])")
+                elif key in self._experts:
+                    loaded.append(self._experts[key])
+                else:
+                    raise ExpertNotResident(f"expert {key} is not resident; resident: "
+                                            f"{[str(k) for k in sorted(self._experts)] or '(none)'}")
+            return loaded
+
     def _names(self) -> list[str]:
         return sorted({k.name for k in self._experts}) or ["(none)"]
 
@@ -178,7 +201,7 @@ class CCoEModel:
     def forward(
         self,
         input_ids: Tensor,
-        experts: Sequence[ExpertSelector],
+        experts: Sequence[ExpertKey | None],
         *,
         query_lens: Tensor | None = None,
         positions: Tensor | None = None,
@@ -188,9 +211,10 @@ class CCoEModel:
     ) -> Tensor:
         """Logits for a batch whose rows may each use a different expert.
 
-        input_ids: [B, T] right-padded; experts: one selector per row; query_lens: [B] real
-        tokens per row (default T); positions: [B, T] (default 0..T-1); logits_at: [B] token
-        index per row to return [B, V] instead of [B, T, V].
+        input_ids: [B, T] right-padded; experts: one resident version per row, None for the
+        bare backbone (names go through `resolve` first); query_lens: [B] real tokens per row
+        (default T); positions: [B, T] (default 0..T-1); logits_at: [B] token index per row to
+        return [B, V] instead of [B, T, V].
         """
         b, t = input_ids.shape
         if len(experts) != b:
@@ -201,7 +225,7 @@ class CCoEModel:
         if positions is None:
             positions = torch.arange(t, device=device).expand(b, t)
         positions = positions.to(device)
-        loaded = [None if s is None else self.get(s) for s in experts]
+        loaded = self._loaded(experts)
 
         # Rows of one expert must be adjacent: sort once, run, then restore the caller's order.
         order = sorted(range(b), key=lambda r: (loaded[r] is not None, loaded[r].key if loaded[r] else None))

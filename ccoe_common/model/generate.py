@@ -38,12 +38,12 @@ def greedy_generate(
     cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, model.backbone.dtype, device)
     slots = torch.zeros(1, dtype=torch.long, device=device)
     # Resolve "name" to one version now so every step runs on the same one.
-    selector = None if expert is None else model.get(expert).key
+    pinned = model.resolve([expert])
     ids = torch.tensor([list(prompt_ids)], device=device)
     positions = torch.arange(len(prompt_ids), device=device)[None]
     out: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model.forward(ids, [selector], positions=positions, cache=cache, slots=slots,
+        logits = model.forward(ids, pinned, positions=positions, cache=cache, slots=slots,
                                logits_at=torch.tensor([ids.shape[1] - 1], device=device))
         token = int(logits[0].argmax())
         out.append(token)

@@ -37,7 +37,7 @@ def batched_greedy(
     if tok.eos_token_id is not None:
         stops.add(tok.eos_token_id)
     # Resolve each selector to one version up front, as a served request would be pinned.
-    pinned = [None if e is None else model.get(e).key for e in experts]
+    pinned = model.resolve(experts)
     device = model.backbone.device
     out: list[str] = [""] * len(prompts)
     for start in range(0, len(prompts), batch_size):

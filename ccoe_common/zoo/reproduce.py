@@ -107,7 +107,7 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
 
     def probe_logits() -> torch.Tensor:
         with torch.inference_mode():
-            return model.forward(probe, [first] * len(probe), query_lens=probe_lens)
+            return model.forward(probe, model.resolve([first] * len(probe)), query_lens=probe_lens)
 
     model.push(zoo["experts"][first]["uri"])
     alone = probe_logits()

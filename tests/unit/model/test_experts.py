@@ -30,7 +30,7 @@ def test_new_expert_reproduces_backbone_exactly(model, kind, placement):
     model.push(model.carve("copy", kind=kind, placement=placement))
     ids = _ids(2, 16)
     with torch.no_grad():
-        assert torch.equal(model.forward(ids, ["copy", "copy"]), model.forward(ids, [None, None]))
+        assert torch.equal(model.forward(ids, model.resolve(["copy", "copy"])), model.forward(ids, [None, None]))
 
 
 def test_carved_modules_are_copies_not_views(model):
@@ -73,7 +73,7 @@ def test_mixed_batch_rows_equal_rows_alone(model):
         ("tail", "trailing", Placement(strategy="BE", num_layers=2)),
     ]):
         model.push(nudge(model.carve(name, kind=kind, placement=placement), seed))
-    selectors = ["tail", None, "gl", "fe", None, "gl", "tail"]  # interleaved on purpose
+    selectors = model.resolve(["tail", None, "gl", "fe", None, "gl", "tail"])  # interleaved on purpose
     lens = torch.tensor([12, 5, 12, 9, 12, 3, 7])
     ids = _ids(len(selectors), 12, seed=3)
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_mixed_batch_with_kv_cache_matches_full_forward(model):
     model.push(nudge(model.carve("tail", kind="trailing", placement=Placement(num_layers=2)), 2))
     from ccoe_common.model.kv_cache import KVCache
 
-    selectors = ["tail", None, "gl"]
+    selectors = model.resolve(["tail", None, "gl"])
     ids = _ids(3, 10, seed=4)
     with torch.no_grad():
         full = model.forward(ids, selectors)

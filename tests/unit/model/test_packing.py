@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ccoe_common.experts.artifact import read_artifact
+from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model import CCoEModel, Placement
 from ccoe_common.model.layers import Attention
 from ccoe_common.model.packing import RowStack
@@ -27,7 +28,7 @@ def _views(attn: Attention) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return None if attn._qkv is None else attn._qkv.view((attn.q_proj, attn.k_proj, attn.v_proj))
 
 
-def _logits(model: CCoEModel, experts: list[str | None]) -> torch.Tensor:
+def _logits(model: CCoEModel, experts: list[ExpertKey | None]) -> torch.Tensor:
     ids = torch.randint(3, 380, (len(experts), 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         return model.forward(ids, experts)

@@ -28,11 +28,11 @@ def test_isolation_push_update_pop_of_b_leave_backbone_and_a_bit_identical(model
     ids = _ids()
     with torch.no_grad():
         backbone_before = model.forward(ids, [None, None])
-        a_before = model.forward(ids, ["a", "a"])
+        a_before = model.forward(ids, model.resolve(["a", "a"]))
 
         def unchanged() -> bool:
             return torch.equal(model.forward(ids, [None, None]), backbone_before) and torch.equal(
-                model.forward(ids, ["a", "a"]), a_before)
+                model.forward(ids, model.resolve(["a", "a"])), a_before)
 
         model.push(nudge(model.carve("b", placement=Placement(strategy="FE", num_layers=2)), 2))
         assert unchanged()
@@ -43,7 +43,7 @@ def test_isolation_push_update_pop_of_b_leave_backbone_and_a_bit_identical(model
         assert unchanged()
         # The B rows really did change something (else the checks above prove little).
         model.push(nudge(model.carve("b", placement=Placement(strategy="FE", num_layers=2)), 2))
-        assert not torch.equal(model.forward(ids, ["b", "b"]), backbone_before)
+        assert not torch.equal(model.forward(ids, model.resolve(["b", "b"])), backbone_before)
 
 
 def test_several_versions_resident_and_selectable(model):
@@ -53,9 +53,9 @@ def test_several_versions_resident_and_selectable(model):
     assert model.get("law").key == ExpertKey("law", 2)  # bare name = newest
     ids = _ids()
     with torch.no_grad():
-        v1 = model.forward(ids, ["law@1", "law@1"])
+        v1 = model.forward(ids, model.resolve(["law@1", "law@1"]))
         v2 = model.forward(ids, [ExpertKey("law", 2)] * 2)
-        both = model.forward(ids, ["law@1", "law@2"])
+        both = model.forward(ids, model.resolve(["law@1", "law@2"]))
     assert not torch.equal(v1, v2)
     assert torch.allclose(both[0], v1[0], atol=1e-5) and torch.allclose(both[1], v2[1], atol=1e-5)
     assert model.pop("law", 1) == [ExpertKey("law", 1)]
@@ -70,12 +70,21 @@ def test_push_of_resident_version_is_refused(model):
 
 def test_unknown_expert_and_version_errors(model):
     with pytest.raises(ExpertNotResident, match="no resident expert named 'nope'"):
-        model.forward(_ids(), ["nope", None])
+        model.forward(_ids(), model.resolve(["nope", None]))
     model.push(model.carve("law", placement=Placement(num_layers=1)))
     with pytest.raises(ExpertNotResident, match=r"no resident version 3; resident versions: \[1\]"):
         model.get("law@3")
     with pytest.raises(ExpertNotResident):
         model.pop("nope")
+
+
+def test_forward_takes_resolved_versions_only(model):
+    model.push(model.carve("law", placement=Placement(num_layers=1)))
+    assert model.resolve(["law", None, "law@1"]) == [ExpertKey("law", 1), None, ExpertKey("law", 1)]
+    with pytest.raises(TypeError, match=r"got 'law'; resolve names once with model.resolve"):
+        model.forward(_ids(), ["law", None])
+    with pytest.raises(ExpertNotResident, match=r"expert law@2 is not resident; resident: \['law@1'\]"):
+        model.forward(_ids(), [ExpertKey("law", 2), None])
 
 
 def test_pop_frees_every_tensor_of_the_expert(model):
@@ -84,7 +93,7 @@ def test_pop_frees_every_tensor_of_the_expert(model):
     refs = [weakref.ref(p) for p in model.get("tmp").parameters()]
     assert refs and model.memory_report().total_bytes > before.total_bytes
     with torch.no_grad():
-        model.forward(_ids(), ["tmp", None])  # used once, so forward caches would show up too
+        model.forward(_ids(), model.resolve(["tmp", None]))  # used once, so forward caches would show up too
     model.pop("tmp")
     gc.collect()
     assert all(r() is None for r in refs), "a popped expert's tensors are still referenced"
@@ -95,7 +104,7 @@ def test_pop_with_export_writes_a_pushable_deep_copy(model, tmp_path):
     model.push(nudge(model.carve("sql", placement=Placement(num_layers=2), domains=["sql"]), 4))
     ids = _ids()
     with torch.no_grad():
-        original = model.forward(ids, ["sql", "sql"])
+        original = model.forward(ids, model.resolve(["sql", "sql"]))
     uri = str(tmp_path / "sql-export")
     assert model.pop("sql", export_to=uri) == [ExpertKey("sql", 1)]
     assert model.resident() == []
@@ -106,12 +115,12 @@ def test_pop_with_export_writes_a_pushable_deep_copy(model, tmp_path):
     copy.key = ExpertKey("sql", 2)
     model.push(copy)
     with torch.no_grad():
-        retrained = model.forward(ids, ["sql", "sql"])
+        retrained = model.forward(ids, model.resolve(["sql", "sql"]))
     assert not torch.equal(retrained, original)
     # The untouched export still reproduces the original exactly.
     model.push(uri)
     with torch.no_grad():
-        assert torch.equal(model.forward(ids, ["sql@1", "sql@1"]), original)
+        assert torch.equal(model.forward(ids, model.resolve(["sql@1", "sql@1"])), original)
 
 
 def test_memory_report_counts_backbone_and_experts(model):

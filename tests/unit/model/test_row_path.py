@@ -22,12 +22,13 @@ def _decode(model: CCoEModel, expert: str | None, row_path: bool, seed: int = 0)
     cache = KVCache(model.config, num_slots=4, max_seq_len=PROMPT + STEPS + 1, dtype=model.backbone.dtype)
     ids = torch.randint(3, 120, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
     slots = torch.tensor([SLOT])
+    pinned = model.resolve([expert])
     steps = []
     with torch.inference_mode():
-        logits = model.forward(ids, [expert], cache=cache, slots=slots, logits_at=torch.tensor([PROMPT - 1]))
+        logits = model.forward(ids, pinned, cache=cache, slots=slots, logits_at=torch.tensor([PROMPT - 1]))
         for i in range(STEPS):
             token = logits.argmax(-1, keepdim=True)
-            logits = model.forward(token, [expert], positions=torch.full((1, 1), PROMPT + i), cache=cache,
+            logits = model.forward(token, pinned, positions=torch.full((1, 1), PROMPT + i), cache=cache,
                                    slots=slots, logits_at=torch.zeros(1, dtype=torch.long))
             steps.append(logits.clone())
     return steps, cache

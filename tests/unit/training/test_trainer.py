@@ -62,7 +62,7 @@ def test_output_is_a_valid_artifact_with_training_metadata(model, qwen2_dir, rec
     ids = torch.tensor([fresh.tokenizer("Add 1 and 2.").input_ids])
     with torch.no_grad():
         trained = ExpertTarget(model, expert).logits(ids, torch.tensor([ids.shape[1]]))
-    assert torch.equal(fresh.forward(ids, ["add"]), trained)
+    assert torch.equal(fresh.forward(ids, fresh.resolve(["add"])), trained)
 
     # Continual training: pop (load a deep copy), train, push as version 2.
     copy = start_expert(fresh, from_uri=str(tmp_path / "v1"))
@@ -72,7 +72,7 @@ def test_output_is_a_valid_artifact_with_training_metadata(model, qwen2_dir, rec
     assert run2.manifest.training["started_from"].startswith("add@1")
     assert str(fresh.push(str(tmp_path / "v2"))) == "add@2"
     # Training the copy did not touch the resident v1.
-    assert torch.equal(fresh.forward(ids, ["add@1"]), trained)
+    assert torch.equal(fresh.forward(ids, fresh.resolve(["add@1"])), trained)
 
 
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(qwen2_dir, records_file, tmp_path):
