@@ -126,7 +126,7 @@ def check_tensors_match_manifest(subject: str, manifest: ExpertManifest, tensors
 
 def _standalone(t: Tensor) -> Tensor:
     # safetensors refuses tensors that share memory, e.g. a model's stacked q/k/v projections
-    # (model/packing.py), which are row blocks of one tensor: write a copy of those.
+    # (model/fast/packing.py), which are row blocks of one tensor: write a copy of those.
     return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
 
 

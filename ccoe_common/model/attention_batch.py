@@ -20,19 +20,11 @@ if TYPE_CHECKING:
     from ccoe_common.model.kv_cache import KVCache
 
 
-@dataclass(frozen=True)
-class DecodeRow:
-    """A forward of exactly one token of one sequence, with a KV cache: what attention needs
-    as plain integers, so the layers can take their one-row path (`Attention.forward_row`)."""
-
-    slot: int
-    position: int  # of the new token; its keys are the slot's positions 0..position
-    cos: Tensor  # [E] rotary tables of that position, as in AttentionBatch
-    sin: Tensor
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AttentionBatch:
+    """Built by `build_attention_batch` (or `take`), only by keyword: most fields are tensors
+    derived from the first five, and passed in order two of them are easily swapped."""
+
     positions: Tensor  # [B, T] absolute position of each query token
     query_lens: Tensor  # [B] real (non-padding) tokens per row
     mask: Tensor | None  # [B, 1, T, K] True where a query may attend to a key; None: all keys
@@ -59,7 +51,6 @@ class AttentionBatch:
     # causal attention, which the kernels run without a mask and without the masked-out
     # half of the work (mask is then None).
     causal: bool = False
-    row: DecodeRow | None = None  # set when the batch is one token of one cached sequence
 
     def attention_order(self) -> tuple[Tensor | None, Tensor | None]:
         """(row order the cache read returns, mask in that order); order None = as the rows."""
@@ -112,7 +103,8 @@ def build_attention_batch(
     if cache is None:
         # Keys are this forward's own tokens: causal by position, padding never attended.
         allowed = (positions[:, None, :] <= positions[:, :, None]) & valid_q[:, None, :]
-        return AttentionBatch(positions, query_lens, None if causal else allowed[:, None], cos, sin, causal=causal)
+        return AttentionBatch(positions=positions, query_lens=query_lens, mask=None if causal else allowed[:, None],
+                              cos=cos, sin=sin, causal=causal)
     if slots is None:
         raise ValueError("a KV cache needs the slot of every row")
     kv_lens = positions[:, 0] + query_lens  # [B] tokens in each slot after this forward
@@ -134,12 +126,11 @@ def build_attention_batch(
         if start is not None:
             first, kv_order, kv_unorder = start, order, order.argsort()
             kv_mask = None if mask is None else mask[order]
-    row = None
-    if b == 1 and t == 1 and first is not None and write_rows.numel() == 1:
-        row = DecodeRow(first, key_len - 1, cos.reshape(-1), sin.reshape(-1))
     return AttentionBatch(
-        positions, query_lens, mask, cos, sin, cache, slots, write_rows, write_cols, key_len,
-        first, slots[write_rows], positions[write_rows, write_cols], kv_order, kv_unorder, kv_mask, causal, row,
+        positions=positions, query_lens=query_lens, mask=mask, cos=cos, sin=sin, cache=cache, slots=slots,
+        write_rows=write_rows, write_cols=write_cols, key_len=key_len, contiguous_from=first,
+        write_slots=slots[write_rows], write_positions=positions[write_rows, write_cols],
+        kv_order=kv_order, kv_unorder=kv_unorder, kv_mask=kv_mask, causal=causal,
     )
 
 

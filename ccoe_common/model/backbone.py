@@ -22,17 +22,9 @@ from torch import Tensor, nn
 
 from ccoe_common.model.attention_batch import AttentionBatch, build_attention_batch
 from ccoe_common.model.config import BackboneConfig
-from ccoe_common.model.layers import (
-    DecoderLayer,
-    LayerParts,
-    Linear,
-    RMSNorm,
-    Rotary,
-    half_on_cpu,
-    head_logits,
-    rms_norm,
-    row_mlp,
-)
+from ccoe_common.model.fast import one_row
+from ccoe_common.model.fast.products import Linear, half_on_cpu, head_logits
+from ccoe_common.model.layers import DecoderLayer, LayerParts, RMSNorm, Rotary
 
 if TYPE_CHECKING:
     from ccoe_common.model.expert import LoadedExpert
@@ -64,8 +56,8 @@ class Backbone(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config, device="cpu" if device is None or str(device) == "meta" else device)
         self._layer_fn: Callable[[LayerParts, Tensor, AttentionBatch, int], Tensor] = _run_layer
-        # One token of one cached sequence runs through _row_layers; False sends it through
-        # the batched layers instead (the tests compare the two).
+        # One token of one cached sequence runs through fast/one_row.py; False sends it
+        # through the batched layers instead (the tests compare the two).
         self.row_path = True
 
     def compile_layers(self, mode: str | None = None) -> None:
@@ -123,8 +115,11 @@ class Backbone(nn.Module):
         rows are reordered before the LM head, where a row is D wide instead of V.
         """
         h = self.embed_tokens(input_ids)  # [B, T, D]
-        if self.row_path and batch.row is not None and self._layer_fn is _run_layer and half_on_cpu(h):
-            h = self._row_layers(h.view(-1), batch, groups).view(h.shape)
+        fast_row = self.row_path and self._layer_fn is _run_layer and half_on_cpu(h)
+        row = one_row.decode_row(batch) if fast_row else None
+        if row is not None:
+            expert = groups[0].expert if groups else None  # one row: one group
+            h = one_row.row_layers(self.layers, h.view(-1), row, expert).view(h.shape)
         else:
             experts_present = any(g.expert is not None for g in groups)
             for i, layer in enumerate(self.layers):
@@ -137,25 +132,6 @@ class Backbone(nn.Module):
         if rows_out is not None:
             h = h[rows_out]
         return head_logits(self.lm_head, self.norm(h))
-
-    def _row_layers(self, h: Tensor, batch: AttentionBatch, groups: Sequence[RowGroup]) -> Tensor:
-        """Every layer for one token of one cached sequence (`batch.row`), in half precision
-        on the CPU: h [D] -> [D].
-
-        A one-row decode step streams every weight once, and the small ops between the
-        products cost more than their arithmetic: 150m, bf16, 2 cores, the 111 products run
-        back to back take 16.8 ms, the step without them 4.6 ms, yet the whole step 26-27 ms.
-        So this path runs the same kernels on the same values as the batched layers (the same
-        bits: tested) with about half the small ops, on vectors, with no module calls: that
-        step went 26.1-27.1 -> 24.1-24.9 ms (3 runs, medians of 14 alternated rounds of 10
-        steps in one process, rows cycling over the backbone and two experts).
-        """
-        expert = groups[0].expert if groups else None  # one row: one group
-        for i, layer in enumerate(self.layers):
-            p = layer.parts() if expert is None else expert.parts_at(i, layer.parts())
-            h = h + p.self_attn.forward_row(rms_norm(p.input_layernorm, h), batch, i)
-            h = h + row_mlp(p.mlp, rms_norm(p.post_attention_layernorm, h))
-        return h
 
     def _mixed_layer(self, i: int, layer: DecoderLayer, h: Tensor, batch: AttentionBatch, groups: Sequence[RowGroup]) -> Tensor:
         base = layer.parts()

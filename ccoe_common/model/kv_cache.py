@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ccoe_common.model.attention_batch import AttentionBatch, DecodeRow
+from ccoe_common.model.attention_batch import AttentionBatch
 from ccoe_common.model.config import BackboneConfig
 
 
@@ -56,15 +56,3 @@ class KVCache:
             return (self.k[layer][first:first + len(slots), :, : batch.key_len],
                     self.v[layer][first:first + len(slots), :, : batch.key_len])
         return self.k[layer][slots, :, : batch.key_len], self.v[layer][slots, :, : batch.key_len]
-
-    def write_and_read_row(self, layer: int, k: Tensor, v: Tensor, row: DecodeRow) -> tuple[Tensor, Tensor]:
-        """`write_and_read` for one sequence's one new token (`AttentionBatch.row`).
-
-        k, v: [G, E] -> its keys/values so far, [G, K, E] views. Plain slicing with the row's
-        integer slot and position writes the same values as the indexed write above, with
-        none of its index tensors.
-        """
-        keys, values = self.k[layer, row.slot], self.v[layer, row.slot]  # [G, P, E]
-        keys[:, row.position] = k
-        values[:, row.position] = v
-        return keys[:, : row.position + 1], values[:, : row.position + 1]

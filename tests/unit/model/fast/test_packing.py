@@ -10,8 +10,8 @@ import torch
 from ccoe_common.experts.artifact import read_artifact
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model import CCoEModel, Placement
+from ccoe_common.model.fast.packing import RowStack
 from ccoe_common.model.layers import Attention
-from ccoe_common.model.packing import RowStack
 from tests.helpers import nudge
 
 

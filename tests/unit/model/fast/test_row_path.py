@@ -1,5 +1,5 @@
 """One token of one cached sequence in half precision on the CPU takes the one-row path
-(`Backbone._row_layers`): the same bits as the batched layers, in fewer ops."""
+(fast/one_row.py): the same bits as the batched layers, in fewer ops."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from ccoe_common.model import CCoEModel, Placement
 from ccoe_common.model.attention_batch import build_attention_batch
+from ccoe_common.model.fast import one_row
 from ccoe_common.model.kv_cache import KVCache
 from ccoe_common.model.layers import Attention
 from tests.conftest import CHECKPOINT_VARIANTS
@@ -35,26 +36,28 @@ def _decode(model: CCoEModel, expert: str | None, row_path: bool, seed: int = 0)
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    calls = {"forward_row": 0, "forward": 0}
-    for name in calls:
-        original = getattr(Attention, name)
+    """Counts the one-row attention (one_row.attention_row) and the batched one (Attention.forward)."""
+    owners = {"attention_row": one_row, "forward": Attention}
+    calls = dict.fromkeys(owners, 0)
+    for name, owner in owners.items():
+        original = getattr(owner, name)
 
-        def spy(self, *args, _name=name, _original=original, **kwargs):
+        def spy(*args, _name=name, _original=original, **kwargs):
             calls[_name] += 1
-            return _original(self, *args, **kwargs)
+            return _original(*args, **kwargs)
 
-        monkeypatch.setattr(Attention, name, spy)
+        monkeypatch.setattr(owner, name, spy)
     return calls
 
 
 def _assert_same_bits(model: CCoEModel, expert: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_calls(monkeypatch)
     batched, batched_cache = _decode(model, expert, row_path=False)
-    assert calls["forward_row"] == 0
+    assert calls["attention_row"] == 0
     layer_calls = calls["forward"]
     row, row_cache = _decode(model, expert, row_path=True)
     layers = model.config.num_layers
-    assert calls["forward_row"] == STEPS * layers, "every decode step takes the one-row path at every layer"
+    assert calls["attention_row"] == STEPS * layers, "every decode step takes the one-row path at every layer"
     assert calls["forward"] == layer_calls + layers, "only the prefill takes the batched layers"
     for i, (a, b) in enumerate(zip(batched, row)):
         assert torch.equal(a, b), f"decode step {i}: logits differ by {(a.float() - b.float()).abs().max()}"
@@ -98,7 +101,7 @@ def test_other_forwards_keep_the_batched_layers(checkpoints, monkeypatch):
         bf16.forward(torch.tensor([[5], [6]]), [None, None], cache=cache, slots=torch.tensor([0, 1]))  # two rows
         bf16.forward(torch.tensor([[5, 6]]), [None], cache=cache, slots=torch.tensor([0]))  # two tokens
         bf16.forward(torch.tensor([[5]]), [None])  # no cache
-    assert calls["forward_row"] == 0 and calls["forward"] > 0
+    assert calls["attention_row"] == 0 and calls["forward"] > 0
 
 
 @pytest.mark.parametrize(("position", "query_len", "has_row"), [(5, 1, True), (0, 1, True), (5, 0, False)])
@@ -108,7 +111,8 @@ def test_a_batch_names_its_row_only_for_one_real_cached_token(qwen2_dir, positio
     positions = torch.full((1, 1), position)
     cos, sin = model.backbone.rotary(positions, torch.float32)
     batch = build_attention_batch(positions, torch.tensor([query_len]), cos, sin, cache, torch.tensor([3]))
-    assert (batch.row is not None) == has_row
+    row = one_row.decode_row(batch)
+    assert (row is not None) == has_row
     if has_row:
-        assert (batch.row.slot, batch.row.position) == (3, position)
-        assert torch.equal(batch.row.cos, cos.reshape(-1)) and torch.equal(batch.row.sin, sin.reshape(-1))
+        assert row.cache is cache and (row.slot, row.position) == (3, position)
+        assert torch.equal(row.cos, cos.reshape(-1)) and torch.equal(row.sin, sin.reshape(-1))
