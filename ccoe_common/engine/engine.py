@@ -202,7 +202,7 @@ class Engine:
         )
         seq = Sequence(
             request_id=request.request_id, prompt_ids=prompt_ids, expert=None,
-            max_new_tokens=min(params.max_new_tokens, limit - len(prompt_ids)), arrival=now,
+            max_new_tokens=min(params.max_new_tokens, limit - len(prompt_ids)),
             deadline=None if request.timeout_s is None else now + request.timeout_s, state=state,
         )
         with self._lock:

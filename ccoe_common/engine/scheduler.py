@@ -31,9 +31,8 @@ class Sequence:
 
     request_id: str
     prompt_ids: list[int]
-    expert: ExpertKey | None
+    expert: ExpertKey | None  # the version pinned at submission; None = the bare backbone
     max_new_tokens: int
-    arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() value
     slot: int | None = None
     computed: int = 0
@@ -45,10 +44,6 @@ class Sequence:
     @property
     def prompt_done(self) -> bool:
         return self.computed >= len(self.prompt_ids)
-
-    @property
-    def total_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ccoe_common.experts.artifact import DTYPES, ExpertArtifact, dtype_name, write_artifact
+from ccoe_common.experts.artifact import ExpertArtifact, write_artifact
 from ccoe_common.experts.errors import (
     BudgetExceeded,
     FingerprintMismatch,
@@ -239,6 +239,6 @@ def expert_from_artifact(artifact: ExpertArtifact, backbone: Backbone, info: Bac
 
 
 __all__ = [
-    "DEFAULT_BUDGET_FRACTION", "DTYPES", "LoadedExpert", "carve_expert", "check_compatible",
-    "dtype_name", "expected_shapes", "expert_from_artifact", "resolve_layers",
+    "DEFAULT_BUDGET_FRACTION", "LoadedExpert", "carve_expert", "check_compatible",
+    "expected_shapes", "expert_from_artifact", "resolve_layers",
 ]

@@ -1,7 +1,7 @@
-"""Greedy generation for one request, on a private one-slot KV cache.
+"""Greedy generation for one request, on a private one-slot KV cache, without an engine.
 
-This is the reference path that `ccoe generate` uses until the engine exists; the engine must
-produce the same tokens for the same greedy request.
+The reference the engine is tested against (it must produce the same tokens for the same
+greedy request), and what `ccoe demo` uses to show each expert's continuation.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from ccoe_common.model.placement import PlacementError
 class ExpertKind(ABC):
     """One way of carving an expert out of the backbone.
 
-    An expert of this kind replaces the backbone modules at `module_paths(layers)`; its
-    tensors are named exactly like the backbone's parameters under those paths
+    An expert of this kind replaces the backbone module at `module_path(layer)` for each of
+    its layers; its tensors are named exactly like the backbone's parameters under those paths
     (e.g. "layers.3.mlp.gate_proj.weight"), which is what makes shapes checkable.
     """
 
@@ -33,9 +33,6 @@ class ExpertKind(ABC):
     @abstractmethod
     def module_path(self, layer: int) -> str:
         """The backbone submodule this kind replaces at `layer`, e.g. "layers.3.mlp"."""
-
-    def module_paths(self, layers: tuple[int, ...]) -> list[str]:
-        return [self.module_path(i) for i in layers]
 
     @abstractmethod
     def build_module(self, config: BackboneConfig, device: str = "meta") -> nn.Module:
