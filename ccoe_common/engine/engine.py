@@ -362,9 +362,13 @@ class Engine:
             now = time.monotonic()
             with self._lock:
                 doomed = self._reap(now)
+                for seq, _ in doomed:
+                    # Out of the scheduler before it plans: a cancelled row left in this step's
+                    # plan has no slot any more, and would fail every other row of the step.
+                    self._retire(seq)
                 plan = self.scheduler.schedule(now)
             for seq, error in doomed:
-                self._fail(seq, error)
+                seq.state.sink(error)
             if plan.empty:
                 if busy:
                     # An idle engine holds no OpenMP workers, so other threads' kernels (a
@@ -483,17 +487,19 @@ class Engine:
             total_s=now - start,
         )
 
-    def _retire(self, seq: Sequence) -> None:
-        # Caller holds self._lock.
+    def _retire(self, seq: Sequence) -> bool:
+        """End a request's stay in the engine; False if it had already ended. Caller holds self._lock."""
         if self._by_id.pop(seq.request_id, None) is None:
-            return
+            return False
         self.scheduler.finish(seq)
         self.residency.release(seq.expert)
+        return True
 
     def _fail(self, seq: Sequence, error: EngineError) -> None:
         with self._lock:
-            self._retire(seq)
-        seq.state.sink(error)
+            ended = self._retire(seq)
+        if ended:  # a request that already ended (finished in this step, say) gets no second end
+            seq.state.sink(error)
 
 
 def _collect(request_id: str, deltas: list[TokenDelta]) -> GenerationResult:

@@ -244,6 +244,36 @@ def test_cancel_by_id_ends_the_request_with_cancelled(engine):
     assert engine.stats().free_slots == 6 and not engine.cancel(req.request_id)
 
 
+def test_cancelling_a_running_request_leaves_the_rest_of_its_step_alone(model, engine):
+    """Invariant 7: the other rows of the step the cancel lands in finish with their own tokens."""
+    prompt = [30, 31, 32]
+    expected = solo(model, prompt, 40, "math")
+    doomed: list = []
+    other: list = []
+    decoding, finished = threading.Event(), threading.Event()
+
+    def doomed_sink(ev):
+        doomed.append(ev)
+        if len(doomed) == 2:
+            decoding.set()
+
+    def other_sink(ev):
+        other.append(ev)
+        if isinstance(ev, Exception) or ev.finish_reason:
+            finished.set()
+
+    engine.submit(GenerationRequest(request_id="doomed", prompt_ids=[40, 41], sampling=greedy(90)), doomed_sink)
+    engine.submit(GenerationRequest(request_id="other", prompt_ids=prompt, expert="math", sampling=greedy(40)),
+                  other_sink)
+    assert decoding.wait(30)
+    assert engine.cancel("doomed")
+    assert finished.wait(60)
+    assert not any(isinstance(ev, Exception) for ev in other), other[-1]
+    assert [t for ev in other for t in ev.token_ids] == expected and other[-1].finish_reason == "length"
+    assert isinstance(doomed[-1], Cancelled), "the cancelled request ends once, with Cancelled"
+    assert sum(isinstance(ev, Exception) for ev in doomed) == 1
+
+
 def test_deadline_ends_a_long_request_and_frees_its_slot(engine):
     with pytest.raises(DeadlineExceeded, match="exceeded its 0.2s deadline"):
         engine.complete_sync(GenerationRequest(prompt_ids=[5, 6], sampling=greedy(90), timeout_s=0.2), timeout=60)
