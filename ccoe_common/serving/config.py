@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ccoe_common.auth.config import AuthConfig
 from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DEFAULT_GRPC_PORT
 from ccoe_common.engine.engine import EngineConfig
 from ccoe_common.registry.config import RegistryConfig
@@ -75,6 +76,8 @@ class AppConfig(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    auth: AuthConfig | None = Field(None, description="Authentication: {mode: token, tokens_file: PATH} or "
+                                                       "{mode: none}; see docs/security.md.")
     grpc_port: int = Field(DEFAULT_GRPC_PORT, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy (local stack).")
     redis_url: str | None = Field(None, description="Registry Redis; none = the local stack starts its own.")
 
