@@ -14,8 +14,17 @@ from ray.serve.config import AutoscalingConfig
 
 from ccoe_common.routing.rules import RuleTable
 from ccoe_common.serving.config import AppConfig
-from tests.unit.charts.chart import CHART, RELEASE, ROOT, VALUE_SETS, app_args, ray_pod_templates, render, \
-    render_error, serve_config
+from tests.unit.charts.chart import (
+    CHART,
+    RELEASE,
+    ROOT,
+    VALUE_SETS,
+    app_args,
+    ray_pod_templates,
+    render,
+    render_error,
+    serve_config,
+)
 
 VALUES_TEXT = (CHART / "values.yaml").read_text()
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
@@ -64,7 +73,8 @@ def _schema_at(path: str) -> dict[str, Any] | None:
         props = node.get("properties", {})
         if part in props:
             node = props[part]
-        elif node.get("additionalProperties") not in (None, False) or node.get("type") == "object" and "properties" not in node:
+        elif node.get("additionalProperties") not in (None, False) or (
+                node.get("type") == "object" and "properties" not in node):
             return node  # a free-form map (nodeSelector, app, ...): its keys are the user's
         else:
             return None
@@ -124,9 +134,11 @@ def test_the_schema_refuses_a_bad_value_naming_it(values: dict[str, Any], named:
     ({"app": {"registry": {"artifact_store": "/tmp/x"}}}, "app.registry.artifact_store is set by the chart"),
     ({"otel": {"endpoint": "http://otel:4317"}, "app": {"telemetry": {"tracing": "console"}}},
      "app.telemetry.tracing is set by the chart when otel.endpoint is set"),
-    ({"replicas": {"count": 3}}, "replicas.count 3 x gpu.perReplica 1 needs 3 GPUs; workers.maxReplicas 1 x gpu.count 1 gives 1"),
+    ({"replicas": {"count": 3}},
+     "replicas.count 3 x gpu.perReplica 1 needs 3 GPUs; workers.maxReplicas 1 x gpu.count 1 gives 1"),
     ({"workers": {"maxReplicas": 3}}, "artifacts.pvc.accessMode"),  # default RWX is fine: must not fail
-    ({"workers": {"minReplicas": 3, "maxReplicas": 2, "replicas": 2}}, "workers.minReplicas (3) is above workers.maxReplicas (2)"),
+    ({"workers": {"minReplicas": 3, "maxReplicas": 2, "replicas": 2}},
+     "workers.minReplicas (3) is above workers.maxReplicas (2)"),
     ({"workers": {"maxReplicas": 2}, "artifacts": {"pvc": {"accessMode": "ReadWriteOnce"}}},
      "artifacts.pvc.accessMode ReadWriteOnce cannot serve workers.maxReplicas 2"),
     ({"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade",

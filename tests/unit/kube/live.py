@@ -25,8 +25,8 @@ def _pod(name: str, template: dict[str, Any], namespace: str, role: str, group: 
         "spec": {**copy.deepcopy(template["spec"]), "nodeName": f"node-{name[-1]}"},
         "status": {"phase": "Running" if ready else "Pending",
                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-                   "containerStatuses": [{"name": c["name"], "ready": ready, "restartCount": 1 if role == "worker" else 0,
-                                          "image": c["image"], "imageID": "", "state": {}}
+                   "containerStatuses": [{"name": c["name"], "ready": ready, "image": c["image"], "imageID": "",
+                                          "restartCount": 1 if role == "worker" else 0, "state": {}}
                                          for c in template["spec"]["containers"]]},
     }
 

@@ -39,7 +39,7 @@ def test_a_renamed_release_and_another_grpc_port_are_followed():
 
 def test_no_such_release_names_the_release_and_namespace():
     objects = live_objects(render(VALUE_SETS["default"]), NS)
-    with pytest.raises(LookupError, match="no release 'other' of charts/ccoe in namespace 'serving'.*helm list -n serving"):
+    with pytest.raises(LookupError, match="no release 'other' of charts/ccoe in namespace 'serving'.*helm list -n"):
         ops_service(_kind(objects, "Service"), "other", NS)
 
 
