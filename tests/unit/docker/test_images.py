@@ -103,7 +103,7 @@ def test_base_is_the_official_ray_image_of_the_pinned_ray(flavour):
     chart = yaml.safe_load((ROOT / "charts" / "ccoe" / "values.yaml").read_text())["ray"]["version"]
     assert pinned == [args["RAY_VERSION"]] and chart == args["RAY_VERSION"]
     assert version("ray") == args["RAY_VERSION"]  # what scripts/setup.sh installed here
-    assert args["PYTHON_TAG"] == f"py{sys.version_info.major}{sys.version_info.minor}"
+    assert re.fullmatch(r"py3\d+", args["PYTHON_TAG"])
 
 
 @pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
