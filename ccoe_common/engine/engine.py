@@ -31,23 +31,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ccoe_common.engine.detokenizer import IncrementalDetokenizer
-from ccoe_common.engine.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    EngineError,
-    EngineStopped,
-    ExpertNotReady,
-    ExpertUnavailable,
-    InvalidRequest,
-)
+from ccoe_common.engine.errors import Cancelled, DeadlineExceeded, EngineError, EngineStopped
 from ccoe_common.engine.malloc import retain_freed_memory
 from ccoe_common.engine.openmp import release_openmp_workers
 from ccoe_common.engine.params import GenerationRequest, GenerationResult, Timings, TokenDelta, Usage
 from ccoe_common.engine.sampler import RowSampling, make_generator, sample
 from ccoe_common.engine.scheduler import PrefillChunk, Scheduler, Sequence, StepPlan
 from ccoe_common.engine.templates import TemplateError, render_alpaca, render_chat
+from ccoe_common.errors import ExpertNotFound, ExpertNotReady, InvalidRequest
 from ccoe_common.experts.artifact import ExpertArtifact
-from ccoe_common.experts.errors import ExpertNotResident
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model.ccoe import CCoEModel
 from ccoe_common.model.expert import LoadedExpert
@@ -308,7 +300,7 @@ class Engine:
         expert = source if isinstance(source, LoadedExpert) else self.load(source)
         with self._lock:
             if expert.key in self._draining:
-                raise ExpertUnavailable(f"expert {expert.key} is still draining after a pop; push another version")
+                raise ExpertNotFound(f"expert {expert.key} is still draining after a pop; push another version")
             key = self.model.push(expert)
             if staged:
                 self._staged.add(key)
@@ -320,7 +312,7 @@ class Engine:
             if key not in self._staged:
                 state = "draining" if key in self._draining else (
                     "already admitted" if key in self.model.resident() else "not resident")
-                raise ExpertUnavailable(f"expert {key} is not staged here ({state}); push it with staged=True first")
+                raise ExpertNotFound(f"expert {key} is not staged here ({state}); push it with staged=True first")
             self._staged.discard(key)
 
     def pop(self, name: str, version: int | None = None, *, export_to: str | None = None,
@@ -329,14 +321,11 @@ class Engine:
         accepted ones finish, free it after the last. `wait` blocks up to that many seconds
         until freed. With export_to, a deep copy of the newest retired version is written first."""
         with self._lock:
-            try:
-                keys = ([self.model.get(ExpertKey(name, version)).key] if version is not None
-                        else self.model.versions_of(name))
-            except ExpertNotResident as e:
-                raise ExpertUnavailable(str(e)) from e
+            keys = ([self.model.get(ExpertKey(name, version)).key] if version is not None
+                    else self.model.versions_of(name))
             keys = [k for k in keys if k not in self._draining]
             if not keys:
-                raise ExpertUnavailable(f"no resident, non-draining version of expert {name!r}")
+                raise ExpertNotFound(f"no resident, non-draining version of expert {name!r}")
         if export_to is not None:
             # Outside the lock: writing an artifact must not hold up the step loop. The
             # expert stays resident (and serving) until it is marked draining below.
@@ -377,7 +366,7 @@ class Engine:
         elif ExpertKey(name, version) in live:
             return ExpertKey(name, version)
         elif ExpertKey(name, version) in self._draining:
-            raise ExpertUnavailable(f"expert {name}@{version} is being removed (draining); "
+            raise ExpertNotFound(f"expert {name}@{version} is being removed (draining); "
                                     f"live versions: {[k.version for k in live] or 'none'}")
         elif ExpertKey(name, version) in self._staged:
             if allow_staged:
@@ -385,7 +374,7 @@ class Engine:
             raise ExpertNotReady(f"expert {name}@{version} is still being smoke-tested here (staged); retry in a "
                                  f"few seconds; live versions: {[k.version for k in live] or 'none'}")
         resident = sorted({str(k) for k in self.model.resident() if k not in closed})
-        raise ExpertUnavailable(f"expert {selector!s} is not served here; resident experts: {resident or 'none'}")
+        raise ExpertNotFound(f"expert {selector!s} is not served here; resident experts: {resident or 'none'}")
 
     def _release_if_drained(self, key: ExpertKey) -> None:
         # Caller holds self._lock.

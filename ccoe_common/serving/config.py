@@ -18,10 +18,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ccoe_common.engine.engine import EngineConfig
+from ccoe_common.errors import CCoEError
 
 
-class ConfigError(ValueError):
+class ConfigError(CCoEError, ValueError):
     """The application config is invalid; the message names the field."""
+
+    code = "INVALID_ARGUMENT"
 
 
 class ReplicaConfig(BaseModel):

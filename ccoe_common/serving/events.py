@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ccoe_common.engine.errors import EngineError
 from ccoe_common.engine.params import TokenDelta
+from ccoe_common.errors import CCoEError
 
 Event = dict[str, Any]
 
@@ -28,18 +28,20 @@ def delta_event(d: TokenDelta) -> Event:
     }
 
 
-def error_event(e: EngineError) -> Event:
+def error_event(e: CCoEError) -> Event:
     return {
         "kind": "error",
         "code": e.code,
         "message": str(e),
         "retryable": e.retryable,
-        "retry_after_s": getattr(e, "retry_after_s", None),
+        "retry_after_s": e.retry_after_s,
     }
 
 
-class ServingError(EngineError):
-    """An error to return to a gRPC caller: `code` is a grpc.StatusCode name."""
+class ServingError(CCoEError):
+    """An error whose status is known only at run time (one a replica reported, an unexpected
+    exception at the edge): `code` is a grpc.StatusCode name, e.g.
+    ServingError("FAILED_PRECONDITION", "rule 'legal' consults 5 experts; the limit is 4")."""
 
     def __init__(self, code: str, message: str, retryable: bool = False, retry_after_s: float | None = None):
         self.code = code
@@ -50,7 +52,3 @@ class ServingError(EngineError):
     @classmethod
     def from_event(cls, event: Event) -> ServingError:
         return cls(event["code"], event["message"], event.get("retryable", False), event.get("retry_after_s"))
-
-    @classmethod
-    def from_engine(cls, e: EngineError) -> ServingError:
-        return e if isinstance(e, ServingError) else cls(e.code, str(e), e.retryable, getattr(e, "retry_after_s", None))

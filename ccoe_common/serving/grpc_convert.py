@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from ccoe_common.engine.errors import InvalidRequest
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
+from ccoe_common.errors import InvalidRequest
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.routing.resolve import Route, RouteQuery
 from ccoe_common.serving.grpc_servicers import DECODE_ERROR_KEY

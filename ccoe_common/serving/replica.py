@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from ccoe_common.engine.engine import Engine
-from ccoe_common.engine.errors import EngineError
 from ccoe_common.engine.params import GenerationRequest
+from ccoe_common.errors import CCoEError
 from ccoe_common.model import CCoEModel
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.events import Event, delta_event, error_event
@@ -70,7 +70,7 @@ class ReplicaRuntime:
                             self.metrics.first_token(expert, delta.timings.ttft_s)
                         self.metrics.inter_token(expert, gaps[1:])  # gaps[0] is the time to first token
                     yield delta_event(delta)
-            except EngineError as e:
+            except CCoEError as e:
                 code = e.code
                 s.set_attribute("error.code", e.code)
                 yield error_event(e)

@@ -20,13 +20,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from ccoe_common.engine.errors import EngineError
 from ccoe_common.engine.params import GenerationRequest
+from ccoe_common.errors import CCoEError, ExpertNotFound
 from ccoe_common.experts.artifact import read_manifest
-from ccoe_common.experts.errors import ExpertError
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.pb import inference_pb2 as pb
-from ccoe_common.registry.errors import RegistryError
 from ccoe_common.routing.resolve import Route, decide
 from ccoe_common.routing.rules import RuleTable, RuleTableError
 from ccoe_common.serving.config import AppConfig
@@ -122,9 +120,9 @@ class RouterCore:
         if version is not None or self.serving is None:
             return version
         if name not in self.serving:
-            raise ServingError("NOT_FOUND", f"expert {name!r} is not served: it is not registered, was popped, "
-                                            f"or its first version is still rolling out; serving: "
-                                            f"{sorted(self.serving) or 'none'}")
+            raise ExpertNotFound(f"expert {name!r} is not served: it is not registered, was popped, "
+                                 f"or its first version is still rolling out; serving: "
+                                 f"{sorted(self.serving) or 'none'}")
         return self.serving[name]
 
     def set_rules(self, table: RuleTable) -> None:
@@ -136,7 +134,7 @@ class RouterCore:
     async def _plan_fresh(self, req: pb.GenerateRequest) -> tuple[Route, list[GenerationRequest], list[bool]]:
         try:
             return self._plan(req)
-        except ServingError as e:
+        except CCoEError as e:
             if e.code != "NOT_FOUND" or self.refresh_view is None:
                 raise
         await self.refresh_view()
@@ -332,17 +330,13 @@ def _timings(t: list[float | None], router_start: float) -> pb.Timings:
                       total_ms=(total_s + offset) * 1e3)
 
 
-def status_of(error: BaseException) -> ServingError:
-    """Any exception as the ServingError a caller should see (unknown ones are INTERNAL)."""
+def status_of(error: BaseException) -> CCoEError:
+    """What a caller should see for any exception: a CCoEError as it is (its `code`,
+    `retryable` and message), anything else as INTERNAL naming the type, e.g.
+    status_of(KeyError("x")) -> ServingError("INTERNAL", "internal error: KeyError: 'x'")."""
     cause = getattr(error, "cause", None)  # Ray's RayTaskError wraps what a deployment raised
     if isinstance(cause, BaseException) and cause is not error:
         return status_of(cause)
-    if isinstance(error, RegistryError):
-        return ServingError(error.code, str(error), error.retryable)
-    if isinstance(error, ExpertError):
-        return ServingError("INVALID_ARGUMENT", str(error))
-    if isinstance(error, EngineError):
-        return ServingError.from_engine(error)
-    if isinstance(error, RuleTableError):
-        return ServingError("INVALID_ARGUMENT", str(error))
+    if isinstance(error, CCoEError):
+        return error
     return ServingError("INTERNAL", f"internal error: {type(error).__name__}: {error}")
