@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from ccoe_common.engine.params import GenerationRequest
+from ccoe_common.engine.params import GenerationRequest, Timings
 from ccoe_common.errors import CCoEError, ExpertNotFound
 from ccoe_common.experts.artifact import read_manifest
 from ccoe_common.experts.reference import ExpertKey
@@ -28,7 +28,7 @@ from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.routing.resolve import Route, decide
 from ccoe_common.routing.rules import RuleTable, RuleTableError
 from ccoe_common.serving.config import AppConfig
-from ccoe_common.serving.events import Event, ServingError
+from ccoe_common.serving.events import ErrorEvent, Event, ServingError
 from ccoe_common.serving.grpc_convert import parse_request, route_trace, usage
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
@@ -170,8 +170,8 @@ class RouterCore:
             retry = None
             try:
                 async for event in stream:
-                    if (attempt == 0 and pinned_by_router and event["kind"] == "error"
-                            and event["code"] == "NOT_FOUND"):
+                    if (attempt == 0 and pinned_by_router and isinstance(event, ErrorEvent)
+                            and event.code == "NOT_FOUND"):
                         retry = await self._newer_version(request)
                         if retry is not None:
                             break
@@ -273,17 +273,16 @@ class RouterCore:
             versions: dict[str, int] = {}
             first = True
             async for i, event in self._merged(requests, pinned):
-                if event["kind"] == "error":
-                    raise ServingError.from_event(event)
-                expert = event["expert"]
-                if expert is not None:
-                    versions[expert[0]] = expert[1]
+                if isinstance(event, ErrorEvent):
+                    raise event.to_error()
+                if event.expert is not None:
+                    versions[event.expert.name] = event.expert.version
                 msg = pb.GenerateStreamResponse(
-                    request_id=requests[i].request_id, text=event["text"], token_ids=event["token_ids"],
-                    logprobs=event["logprobs"] or [], finish_reason=event["finish_reason"] or "",
+                    request_id=requests[i].request_id, text=event.text, token_ids=event.token_ids,
+                    logprobs=event.logprobs or [], finish_reason=event.finish_reason or "",
                     expert=pb.ExpertRef(name=names[i], version=versions.get(names[i], 0)) if names[i] else None,
-                    usage=usage(event["usage"]),
-                    timings=_timings(event["timings"], start) if event["timings"] else None,
+                    usage=usage(event.usage),
+                    timings=_timings(event.timings, start) if event.timings else None,
                 )
                 if first:
                     msg.route.CopyFrom(route_trace(route, versions))
@@ -297,37 +296,36 @@ class RouterCore:
             parts: list[dict] = [{"text": [], "ids": [], "lps": [], "last": None} for _ in requests]
             versions: dict[str, int] = {}
             async for i, event in self._merged(requests, pinned):
-                if event["kind"] == "error":
-                    raise ServingError.from_event(event)
+                if isinstance(event, ErrorEvent):
+                    raise event.to_error()
                 p = parts[i]
-                p["text"].append(event["text"])
-                p["ids"].extend(event["token_ids"])
-                p["lps"].extend(event["logprobs"] or [])
-                if event["expert"] is not None:
-                    versions[event["expert"][0]] = event["expert"][1]
-                if event["finish_reason"]:
+                p["text"].append(event.text)
+                p["ids"].extend(event.token_ids)
+                p["lps"].extend(event.logprobs or [])
+                if event.expert is not None:
+                    versions[event.expert.name] = event.expert.version
+                if event.finish_reason:
                     p["last"] = event
         first, last = parts[0], parts[0]["last"]
         response = pb.GenerateResponse(
             request_id=requests[0].request_id if len(requests) == 1 else requests[0].request_id.rsplit("/", 1)[0],
-            text="".join(first["text"]), token_ids=first["ids"], finish_reason=last["finish_reason"],
-            usage=usage(last["usage"]), timings=_timings(last["timings"], start), logprobs=first["lps"],
+            text="".join(first["text"]), token_ids=first["ids"], finish_reason=last.finish_reason,
+            usage=usage(last.usage), timings=_timings(last.timings, start), logprobs=first["lps"],
             route=route_trace(route, versions),
         )
         if route.fans_out:
             for (name, _), p in zip(route.experts, parts):
                 response.fanout.append(pb.FanoutResult(
                     expert=pb.ExpertRef(name=name, version=versions.get(name, 0)), text="".join(p["text"]),
-                    token_ids=p["ids"], finish_reason=p["last"]["finish_reason"], usage=usage(p["last"]["usage"])))
+                    token_ids=p["ids"], finish_reason=p["last"].finish_reason, usage=usage(p["last"].usage)))
         return response
 
 
-def _timings(t: list[float | None], router_start: float) -> pb.Timings:
+def _timings(t: Timings, router_start: float) -> pb.Timings:
     # The replica measured from its own submission; TTFT is reported from the router's start.
-    queue_s, ttft_s, total_s = t
-    offset = max(0.0, (time.monotonic() - router_start) - total_s)
-    return pb.Timings(queue_ms=queue_s * 1e3, ttft_ms=((ttft_s or total_s) + offset) * 1e3,
-                      total_ms=(total_s + offset) * 1e3)
+    offset = max(0.0, (time.monotonic() - router_start) - t.total_s)
+    return pb.Timings(queue_ms=t.queue_s * 1e3, ttft_ms=((t.ttft_s or t.total_s) + offset) * 1e3,
+                      total_ms=(t.total_s + offset) * 1e3)
 
 
 def status_of(error: BaseException) -> CCoEError:
