@@ -367,7 +367,7 @@ class Engine:
             return ExpertKey(name, version)
         elif ExpertKey(name, version) in self._draining:
             raise ExpertNotFound(f"expert {name}@{version} is being removed (draining); "
-                                    f"live versions: {[k.version for k in live] or 'none'}")
+                                 f"live versions: {[k.version for k in live] or 'none'}")
         elif ExpertKey(name, version) in self._staged:
             if allow_staged:
                 return ExpertKey(name, version)

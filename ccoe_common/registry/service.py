@@ -214,7 +214,7 @@ class RegistryService:
         versions = [req.version] if req.version else live_versions
         if req.version and req.version not in [v.version for v in record.versions]:
             raise ExpertNotFound(f"expert {req.name!r} has no version {req.version}; "
-                                f"registered: {[v.version for v in record.versions]}")
+                                 f"registered: {[v.version for v in record.versions]}")
         if not versions:
             raise ExpertNotFound(f"expert {req.name!r} has no version left to pop (all are retired)")
         exported = ""
