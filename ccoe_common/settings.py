@@ -13,8 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
-DEFAULT_REGISTRY = "127.0.0.1:9000"  # where `ccoe serve` listens
+from ccoe_common.defaults import DEFAULT_REGISTRY
 
 
 @dataclass(frozen=True)
@@ -32,12 +31,17 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cache_dir() -> Path:
+    """CCOE_CACHE_DIR, else ~/.cache/ccoe: demo models, the local registry's artifacts."""
+    return Path(os.environ.get("CCOE_CACHE_DIR") or Path.home() / ".cache" / "ccoe")
+
+
 def load_settings() -> Settings:
     level = os.environ.get("CCOE_LOG_LEVEL", "WARNING").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError(f"CCOE_LOG_LEVEL={level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)")
     return Settings(
-        cache_dir=Path(os.environ.get("CCOE_CACHE_DIR") or Path.home() / ".cache" / "ccoe"),
+        cache_dir=cache_dir(),
         log_level=level,
         device=os.environ.get("CCOE_DEVICE") or _default_device(),
         trace_dir=Path(os.environ["CCOE_TRACE_DIR"]) if os.environ.get("CCOE_TRACE_DIR") else None,

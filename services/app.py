@@ -1,7 +1,8 @@
 """The one app builder: validates the config once and binds the deployments.
 
-Local stack: `serve.run(build_app(config))`. KubeRay RayService:
-`import_path: services.app:build_app` with the config as `args` in serveConfigV2.
+Both the local stack (ccoe_common.serving.local_stack) and a KubeRay RayService reach it by
+its import path, `services.app:build_app`, with the config as `args` (serveConfigV2); the
+gRPC servicers the proxy registers are ccoe_common.serving.grpc_servicers.GRPC_SERVICERS.
 """
 
 from __future__ import annotations
@@ -17,11 +18,6 @@ from services.router.deployment import Router
 
 CONTROL_HEADROOM = 16
 
-GRPC_SERVICERS = (
-    "ccoe_common.serving.grpc_servicers.add_inference_servicer",
-    "ccoe_common.serving.grpc_servicers.add_registry_servicer",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-)
 # Every replica and router holds one WatchDesiredState stream open on the registry.
 REGISTRY_MAX_ONGOING = 1024
 

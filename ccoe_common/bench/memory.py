@@ -36,15 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccoe_common.cli.common import (
-    Progress,
-    UserError,
-    add_json_flag,
-    format_table,
-    human_bytes,
-    positive_int,
-    print_json,
-)
+from ccoe_common.console import positive_int, UserError
+from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json, Progress
 
 SYSTEMS = ("backbone", "ccoe", "ensemble", "lora")
 

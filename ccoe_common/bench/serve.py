@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ccoe_common.bench.memory import SHAPES
-from ccoe_common.cli.common import Progress, add_json_flag, format_table, print_json, stdout_to_stderr
+from ccoe_common.console import add_json_flag, format_table, print_json, Progress, stdout_to_stderr
 from ccoe_common.engine.engine import Engine, EngineConfig
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.model import CCoEModel

@@ -48,15 +48,8 @@ from typing import Any
 
 from ccoe_common.bench.memory import LORA_RANK, LORA_TARGETS, _materialize, _quiet_transformers, lora_model
 from ccoe_common.bench.memory import SHAPES as MEMORY_SHAPES
-from ccoe_common.cli.common import (
-    Progress,
-    UserError,
-    add_json_flag,
-    format_table,
-    human_bytes,
-    positive_int,
-    print_json,
-)
+from ccoe_common.console import positive_int, UserError
+from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json, Progress
 from ccoe_common.engine.openmp import release_openmp_workers
 
 NUM_DOMAINS = 5

@@ -5,8 +5,9 @@ two experts of the two kinds, writes them as artifacts, pushes them back from di
 with each and with the bare backbone, runs one mixed batch, pops one expert with an export,
 and checks that the backbone's output never changed.
 
-The demo's experts are not trained (training arrives with `ccoe train`): each is a deep copy
-of the backbone modules nudged with seeded noise, so that its outputs visibly differ.
+The demo's experts are untrained, so that it runs in seconds (`ccoe demo` serves trained
+ones): each is a deep copy of the backbone modules nudged with seeded noise, so that its
+outputs visibly differ.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 from ccoe_common.cli import demo_stack, demo_zoo
 from ccoe_common.cli.demo_assets import demo_backbone, nudge
-from ccoe_common.cli.common import add_json_flag, format_table, human_bytes, positive_int, print_json
+from ccoe_common.console import positive_int
+from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json
 from ccoe_common.model import CCoEModel, Placement
 from ccoe_common.model.generate import greedy_generate
 from ccoe_common.settings import load_settings

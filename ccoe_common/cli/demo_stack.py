@@ -24,7 +24,7 @@ import grpc
 import torch
 import yaml
 
-from ccoe_common.cli.common import format_table, print_json, stdout_to_stderr
+from ccoe_common.console import format_table, print_json, stdout_to_stderr
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
 from ccoe_common.registry.client import RegistryClient

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ccoe_common.cli.common import UserError, add_json_flag, format_table, positive_int, print_json, stdout_to_stderr
+from ccoe_common.console import positive_int, UserError
+from ccoe_common.console import add_json_flag, format_table, print_json, stdout_to_stderr
 from ccoe_common.settings import load_settings
 from ccoe_common.zoo.build import build_zoo, read_zoo
 from ccoe_common.zoo.config import ZooConfig

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 
 from ccoe_common.cli import expert_registry
-from ccoe_common.cli.common import add_json_flag, add_model_flags, format_table, human_bytes, print_json
+from ccoe_common.cli.loading import add_model_flags
+from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION
+from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json
 from ccoe_common.cli.loading import model_from_args
 from ccoe_common.experts.artifact import read_artifact
 from ccoe_common.model.kinds import KINDS
@@ -28,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=sorted(KINDS), default="ffn", help="which modules it replaces (default ffn)")
     p.add_argument("--placement", default="GL",
                    help="GL|FB|FE|MD|BE[:layers] or a layer list like 0,5,11 (default GL, as many layers as the budget allows)")
-    p.add_argument("--budget", type=float, default=0.15, help="max parameters as a fraction of the backbone (default 0.15)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_FRACTION, help="max parameters as a fraction of the backbone (default %(default)s)")
     p.add_argument("--version", type=int, default=1, help="version number to write (default 1)")
     p.add_argument("--domain", action="append", default=[], help="domain this expert serves (repeatable)")
     p.add_argument("--out", required=True, help="artifact folder (local path or fsspec URI)")
@@ -39,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("inspect", help="check an artifact (and its fit to a backbone) and print its manifest")
     p.add_argument("uri", help="artifact folder (local path or fsspec URI)")
     p.add_argument("--backbone", help="also check fingerprint, shapes and budget against this checkpoint")
-    p.add_argument("--budget", type=float, default=0.15, help="budget fraction to check against (default 0.15)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_FRACTION, help="budget fraction to check against (default %(default)s)")
     add_model_flags(p)
     add_json_flag(p)
     p.set_defaults(handler=inspect)

@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from ccoe_common.cli.common import add_json_flag, format_table, human_bytes, print_json
+from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json
 from ccoe_common.cli.registry_ops import (
     UploadBar,
     add_policy_flags,

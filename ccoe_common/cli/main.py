@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import grpc
 
 from ccoe_common.cli import audit, bench, demo, expert, generate, rollout, rules, serve, train
-from ccoe_common.cli.common import UserError
+from ccoe_common.console import UserError
 from ccoe_common.cli.registry_ops import rpc_error_exit
 from ccoe_common.engine.errors import EngineError
 from ccoe_common.settings import load_settings

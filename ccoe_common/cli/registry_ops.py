@@ -19,7 +19,8 @@ from typing import Any
 
 import grpc
 
-from ccoe_common.cli.common import format_table, human_bytes, positive_int
+from ccoe_common.console import positive_int
+from ccoe_common.console import format_table, human_bytes
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.client import RegistryClient, RolloutFailed, policy
 from ccoe_common.settings import DEFAULT_REGISTRY, load_settings

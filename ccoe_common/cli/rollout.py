@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ccoe_common.cli.common import add_json_flag, print_json
+from ccoe_common.console import add_json_flag, print_json
 from ccoe_common.cli.registry_ops import (
     add_policy_flags,
     add_registry_flags,

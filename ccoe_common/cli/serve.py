@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 
-from ccoe_common.cli.common import add_json_flag, print_json
+from ccoe_common.console import add_json_flag, print_json
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
 

@@ -11,7 +11,11 @@ import argparse
 import math
 import sys
 
-from ccoe_common.cli.common import DTYPE_CHOICES, UserError, add_json_flag, add_model_flags, format_table, print_json
+from ccoe_common.cli.loading import add_model_flags
+from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION
+from ccoe_common.console import UserError
+from ccoe_common.console import add_json_flag, format_table, print_json
+from ccoe_common.defaults import DTYPE_CHOICES
 from ccoe_common.cli.loading import model_from_args
 from ccoe_common.model.kinds import KINDS
 from ccoe_common.model.placement import STRATEGIES, Placement
@@ -45,7 +49,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--kind", choices=sorted(KINDS), default="ffn", help="which modules an expert replaces (default ffn)")
-    p.add_argument("--budget", type=float, default=0.15, help="max expert parameters as a fraction of the backbone (default 0.15)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_FRACTION, help="max expert parameters as a fraction of the backbone (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     add_model_flags(p)
     add_json_flag(p)

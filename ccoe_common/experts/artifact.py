@@ -23,6 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from ccoe_common.defaults import DTYPES
 from ccoe_common.experts.errors import (
     ArtifactNotFound,
     ChecksumMismatch,
@@ -35,7 +36,6 @@ from ccoe_common.experts.errors import (
 )
 from ccoe_common.experts.manifest import MANIFEST_FILE, WEIGHTS_FILE, BaseModelRef, ExpertManifest
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

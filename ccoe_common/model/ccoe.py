@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION
 from ccoe_common.errors import ExpertNotFound
 from ccoe_common.experts.artifact import ExpertArtifact, read_artifact
 from ccoe_common.experts.errors import ExpertVersionExists
@@ -29,7 +30,6 @@ from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model.backbone import Backbone, RowGroup
 from ccoe_common.model.checkpoint import BackboneInfo, load_backbone, load_tokenizer
 from ccoe_common.model.expert import (
-    DEFAULT_BUDGET_FRACTION,
     LoadedExpert,
     budget_params,
     carve_expert,

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ccoe_common.experts.artifact import DTYPES, ExpertArtifact, dtype_name, write_artifact
+from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DTYPES
+from ccoe_common.experts.artifact import ExpertArtifact, dtype_name, write_artifact
 from ccoe_common.experts.errors import (
     BudgetExceeded,
     FingerprintMismatch,
@@ -32,8 +33,6 @@ from ccoe_common.model.checkpoint import BackboneInfo
 from ccoe_common.model.kinds import KINDS, ExpertKind, get_kind
 from ccoe_common.model.layers import LayerParts, stack_projections
 from ccoe_common.model.placement import Placement, PlacementError, strategy_layers
-
-DEFAULT_BUDGET_FRACTION = 0.15
 
 
 class LoadedExpert:
@@ -239,6 +238,6 @@ def expert_from_artifact(artifact: ExpertArtifact, backbone: Backbone, info: Bac
 
 
 __all__ = [
-    "DEFAULT_BUDGET_FRACTION", "DTYPES", "LoadedExpert", "carve_expert", "check_compatible",
+    "LoadedExpert", "carve_expert", "check_compatible",
     "dtype_name", "expected_shapes", "expert_from_artifact", "resolve_layers",
 ]

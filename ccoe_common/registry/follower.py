@@ -23,7 +23,7 @@ from ccoe_common.engine.engine import Engine
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.pb import registry_pb2 as pb
-from ccoe_common.serving.config import RegistryConfig
+from ccoe_common.registry.config import RegistryConfig
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 

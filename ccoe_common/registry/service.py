@@ -42,7 +42,7 @@ from ccoe_common.registry.errors import (
 )
 from ccoe_common.registry.store import DesiredState, RegistryStore
 from ccoe_common.routing.rules import RuleTable, RuleTableError
-from ccoe_common.serving.config import RegistryConfig
+from ccoe_common.registry.config import RegistryConfig
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 
@@ -438,7 +438,7 @@ class RegistryService:
         last_rev, last_sync = None, 0.0
         while True:
             try:
-                rev = int(await asyncio.to_thread(self.store.r.get, "ccoe:rev") or 0)
+                rev = await asyncio.to_thread(self.store.revision)
                 now = time.monotonic()
                 if rev != last_rev or now - last_sync > self.config.resync_s:
                     self._snapshot = await asyncio.to_thread(self.store.desired_state)

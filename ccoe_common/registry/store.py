@@ -264,6 +264,10 @@ class RegistryStore:
         raw = self.r.hget(PREFIX + "rollouts", name)
         return None if raw is None else json.loads(raw)
 
+    def revision(self) -> int:
+        """The global revision: +1 on every change, so a watcher polls it to see that something changed."""
+        return int(self.r.get(PREFIX + "rev") or 0)
+
     def expert_rev(self, name: str) -> int:
         return int(self.r.hget(self._expert(name), "rev") or 0)
 

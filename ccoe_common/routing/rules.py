@@ -148,10 +148,6 @@ class RuleTable:
     def default_expert(self) -> str | None:
         return self.spec.default.expert
 
-    def experts_named(self) -> set[str]:
-        names = {e for r in self.spec.rules for e in r.experts}
-        return names | ({self.default_expert} if self.default_expert else set())
-
     def match(self, text: str, domain: str = "", metadata: dict[str, str] | None = None) -> RuleMatch | None:
         """The first rule (by priority) whose conditions all hold, or None."""
         metadata = metadata or {}

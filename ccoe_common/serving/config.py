@@ -17,8 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ccoe_common.auth.config import AuthConfig
+from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DEFAULT_GRPC_PORT
 from ccoe_common.engine.engine import EngineConfig
 from ccoe_common.errors import CCoEError
+from ccoe_common.registry.config import RegistryConfig
+from ccoe_common.telemetry.config import TelemetryConfig
 
 
 class ConfigError(CCoEError, ValueError):
@@ -35,7 +39,7 @@ class ReplicaConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 on a GPU worker group).")
     device: str | None = Field(None, description="torch device; default cuda when num_gpus > 0, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
-    budget_fraction: float = Field(0.15, gt=0, le=1, description="Largest expert as a fraction of the backbone.")
+    budget_fraction: float = Field(DEFAULT_BUDGET_FRACTION, gt=0, le=1, description="Largest expert as a fraction of the backbone.")
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="torch threads per replica; default num_cpus, or when num_cpus is 0 an equal "
                                          "share of the machine's CPUs per replica (Ray alone would give such a "
@@ -64,41 +68,6 @@ class RouterConfig(BaseModel):
     rules_check_interval_s: float = Field(1.0, gt=0, description="How often the rules file is checked for changes.")
 
 
-class RegistryConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    artifact_store: str = Field("~/.cache/ccoe/artifacts",
-                                description="fsspec URI where the registry keeps every registered version.")
-    heartbeat_ttl_s: float = Field(3.0, gt=0, description="A replica that has not reported for this long is gone.")
-    report_interval_s: float = Field(0.5, gt=0, description="How often a replica reports its state.")
-    controller_interval_s: float = Field(0.1, gt=0, description="How often the registry advances rollouts.")
-    resync_s: float = Field(5.0, gt=0, description="Watchers get the full state at least this often.")
-    retire_grace_s: float = Field(0.5, ge=0, description="A replica frees a version this long after it "
-                                                          "stopped being served (lets routers catch up).")
-    smoke_prompt: str = Field("1+1=", min_length=1, description="Prompt of the smoke generation after each load.")
-    smoke_tokens: int = Field(2, ge=1, le=64, description="Tokens the smoke generation must produce.")
-
-    @field_validator("artifact_store")
-    @classmethod
-    def _expand_home(cls, v: str) -> str:
-        return os.path.expanduser(v)
-
-
-class TelemetryConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tracing: Literal["off", "console", "otlp", "memory"] = Field(
-        "off", description="Span exporter: off, console (stderr), otlp (to otlp_endpoint), memory (tests).")
-    otlp_endpoint: str = Field("http://localhost:4317", description="OTLP/gRPC collector address.")
-    service_name: str = Field("ccoe-serve", description="service.name resource attribute.")
-
-    @field_validator("tracing", mode="before")
-    @classmethod
-    def _yaml_off(cls, v: Any) -> Any:
-        # YAML 1.1 reads a bare `off` as false.
-        return "off" if v is False else v
-
-
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -110,7 +79,9 @@ class AppConfig(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
-    grpc_port: int = Field(9000, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy (local stack).")
+    auth: AuthConfig | None = Field(None, description="Authentication: {mode: token, tokens_file: PATH} or "
+                                                       "{mode: none}; see docs/security.md.")
+    grpc_port: int = Field(DEFAULT_GRPC_PORT, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy (local stack).")
     redis_url: str | None = Field(None, description="Registry Redis; none = the local stack starts its own.")
 
     @field_validator("backbone", "rules")

@@ -27,6 +27,13 @@ from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import registry_pb2_grpc
 
 SERVICE = "ccoe.v1.Inference"
+# What Ray Serve's gRPC proxy registers (gRPCOptions.grpc_servicer_functions, or a RayService's
+# serveConfigV2 grpcOptions): import paths, resolved in the proxy's process.
+GRPC_SERVICERS = (
+    "ccoe_common.serving.grpc_servicers.add_inference_servicer",
+    "ccoe_common.serving.grpc_servicers.add_registry_servicer",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+)
 DECODE_ERROR_KEY = "__ccoe_decode_error__"
 _END = object()
 

@@ -7,23 +7,43 @@ app deployed behind Ray Serve's gRPC proxy on loopback.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 from ccoe_common.ports import free_port
 from ccoe_common.registry.redis_server import RedisServer
 from ccoe_common.serving.config import AppConfig
+from ccoe_common.serving.grpc_servicers import GRPC_SERVICERS
 
 log = logging.getLogger(__name__)
 APP_NAME = "ccoe"
 METRICS_INTERVAL_MS = 2000  # how often Ray's processes report metrics to the node's exporter
+# The app builder, by import path as a RayService names it: ccoe_common sits below services/
+# and never imports it, so the stack resolves the builder only when it starts an app.
+APP_BUILDER = "services.app:build_app"
+
+
+def import_attr(path: str) -> Callable[..., Any]:
+    """"package.module:attr" -> the attribute, e.g. import_attr("services.app:build_app")."""
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"import path {path!r} must look like 'package.module:attribute'")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import {path!r}: {e}") from e
 
 
 class LocalStack:
-    def __init__(self, config: AppConfig, *, grpc_port: int | None = None, num_cpus: int | None = None):
+    def __init__(self, config: AppConfig, *, grpc_port: int | None = None, num_cpus: int | None = None,
+                 builder: str = APP_BUILDER):
         self.config = config
+        self.builder = builder
         self.grpc_port = grpc_port or config.grpc_port
         self.num_cpus = num_cpus or max(2, os.cpu_count() or 2)
         self.redis: RedisServer | None = None
@@ -45,8 +65,7 @@ class LocalStack:
         from ray import serve
         from ray.serve.config import gRPCOptions
 
-        from services.app import GRPC_SERVICERS, build_app
-
+        build_app = import_attr(self.builder)  # a wrong path fails before anything starts
         started = time.monotonic()
         if self.redis_url is None:
             self.redis = RedisServer().start()

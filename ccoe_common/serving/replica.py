@@ -10,17 +10,27 @@ from typing import Any
 
 import torch
 
+from ccoe_common.defaults import DTYPE_CHOICES
 from ccoe_common.engine.engine import Engine
 from ccoe_common.engine.params import GenerationRequest
 from ccoe_common.errors import CCoEError
 from ccoe_common.model import CCoEModel
-from ccoe_common.serving.config import AppConfig
+from ccoe_common.serving.config import AppConfig, ReplicaConfig
 from ccoe_common.serving.events import DeltaEvent, ErrorEvent, Event
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
-_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tune_process(rc: ReplicaConfig) -> None:
+    """Process-wide settings for a process whose job is one replica (the ModelReplica actor calls
+    it before building the runtime; an in-process runtime in a test or a tool leaves them alone)."""
+    # The engine thread holds the GIL for most of a step; a shorter switch interval keeps
+    # this process's event loop (streams out, cancels in, Ray's health probes) responsive.
+    sys.setswitchinterval(0.0005)
+    # Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPU; the engine thread inherits this.
+    torch.set_num_threads(rc.threads)
 
 
 class ReplicaRuntime:
@@ -30,12 +40,7 @@ class ReplicaRuntime:
         rc = config.replica
         device = rc.device or ("cuda" if rc.num_gpus > 0 else "cpu")
         tracing.setup_tracing(config.telemetry)
-        # The engine thread holds the GIL for most of a step; a shorter switch interval keeps
-        # this process's event loop (streams out, cancels in, Ray's health probes) responsive.
-        sys.setswitchinterval(0.0005)
-        # Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPU; the engine thread inherits this.
-        torch.set_num_threads(rc.threads)
-        model = CCoEModel.from_pretrained(config.backbone, dtype=_DTYPES[rc.dtype], device=device,
+        model = CCoEModel.from_pretrained(config.backbone, dtype=DTYPE_CHOICES[rc.dtype], device=device,
                                           budget_fraction=rc.budget_fraction)
         for uri in config.experts if load_config_experts else ():
             log.info("loading expert %s", model.push(uri))
@@ -86,11 +91,6 @@ class ReplicaRuntime:
     def expert_names(self) -> list[str]:
         return sorted({k.name for k in self.engine.model.resident()})
 
-    def push(self, uri: str) -> str:
-        key = str(self.engine.push(uri))
-        self.update_gauges()
-        return key
-
     def validate(self, uri: str) -> str | None:
         """Load and check an artifact against this backbone without serving it: None if it
         would load, else the reason (checksum, fingerprint, shapes, budget...)."""
@@ -99,11 +99,6 @@ class ReplicaRuntime:
         except Exception as e:  # noqa: BLE001 - every refusal is reported by message
             return f"{type(e).__name__}: {e}"
         return None
-
-    def pop(self, name: str, version: int | None = None, wait: float | None = None) -> list[str]:
-        keys = [str(k) for k in self.engine.pop(name, version, wait=wait)]
-        self.update_gauges()
-        return keys
 
     def stats(self) -> dict[str, Any]:
         s = self.engine.stats()

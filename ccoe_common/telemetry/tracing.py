@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ccoe_common.serving.config import TelemetryConfig
+from ccoe_common.telemetry.config import TelemetryConfig
 from ccoe_common.settings import load_settings
 
 _PROPAGATOR = TraceContextTextMapPropagator()

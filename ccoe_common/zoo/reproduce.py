@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ccoe_common.cli.common import stdout_to_stderr
+from ccoe_common.console import stdout_to_stderr
 from ccoe_common.model.backbone import Backbone
 from ccoe_common.model.ccoe import CCoEModel
 from ccoe_common.training import baselines

@@ -1,6 +1,8 @@
-"""The demo's rule table: which expert answers which domain.
+"""The demo zoo's routing file: which expert answers which domain, by keywords.
 
-A plain JSON file, kept obvious until the routing issue brings the rules engine:
+The zoo keeps this small keyword format in `rules.json` beside its experts; the served demo
+turns it into the router's rule table (`zoo.served.routing_table`, same order and keywords),
+and `ccoe demo reproduce` routes its in-process mixed batches with `RuleTable.route`:
 
     {"format_version": 1,
      "rules": [{"id": "r-sql", "domain": "sql", "keywords": ["employees", "salary"], "expert": "sql"}],

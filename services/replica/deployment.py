@@ -18,7 +18,7 @@ from ccoe_common.engine.params import GenerationRequest
 from ccoe_common.registry.follower import ReplicaFollower
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.events import Event
-from ccoe_common.serving.replica import ReplicaRuntime
+from ccoe_common.serving.replica import ReplicaRuntime, tune_process
 from services.handles import watch_desired_state
 
 FIRST_SYNC_TIMEOUT_S = 300.0
@@ -28,6 +28,7 @@ FIRST_SYNC_TIMEOUT_S = 300.0
 class ModelReplica:
     async def __init__(self, config: dict[str, Any]):
         cfg = AppConfig.load(config)
+        tune_process(cfg.replica)
         self.runtime = await asyncio.to_thread(ReplicaRuntime, cfg, load_config_experts=False)
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id

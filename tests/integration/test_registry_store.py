@@ -31,6 +31,7 @@ def manifest(name: str, version: int) -> dict:
 
 
 def test_push_read_and_desired_state(store):
+    assert store.revision() == 0
     assert store.push_version("math", 1, manifest("math", 1), "file:///a/math/1", expected_rev=0, who="ops") == 1
     assert store.push_version("math", 2, manifest("math", 2), "file:///a/math/2", expected_rev=1, who="ops") == 2
     rec = store.expert("math")
@@ -40,6 +41,7 @@ def test_push_read_and_desired_state(store):
     assert rec.versions[1].manifest == manifest("math", 2)
     state = store.desired_state()
     assert state.experts == {"math": 2} and state.rev == 2
+    assert store.revision() == state.rev  # what the registry's follower polls
     assert store.names() == ["math"]
 
 

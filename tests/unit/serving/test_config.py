@@ -1,4 +1,5 @@
-"""ReplicaConfig's torch thread count: explicit, from reserved CPUs, or a share of the machine."""
+"""The app config's parts: ReplicaConfig's torch thread count (explicit, from reserved CPUs, or a
+share of the machine), defaults that come from one place, and the sections it composes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from ccoe_common.serving.config import ReplicaConfig
+from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DEFAULT_GRPC_PORT, DEFAULT_REGISTRY
+from ccoe_common.registry.config import RegistryConfig
+from ccoe_common.serving.config import AppConfig, ReplicaConfig
+from ccoe_common.settings import load_settings
+from ccoe_common.telemetry.config import TelemetryConfig
 
 
 def test_threads_default_to_every_cpu_when_none_are_reserved():
@@ -33,3 +38,25 @@ def test_threads_follow_reserved_cpus_and_an_explicit_count_wins():
 def test_zero_threads_is_refused_naming_the_field():
     with pytest.raises(ValidationError, match="torch_threads"):
         ReplicaConfig(torch_threads=0)
+
+
+def test_the_artifact_store_defaults_under_ccoe_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCOE_CACHE_DIR", str(tmp_path / "cache"))
+    assert RegistryConfig().artifact_store == str(tmp_path / "cache" / "artifacts")
+    assert AppConfig.load({"backbone": "/m"}).registry.artifact_store == str(tmp_path / "cache" / "artifacts")
+    monkeypatch.delenv("CCOE_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert RegistryConfig().artifact_store == str(tmp_path / "home" / ".cache" / "ccoe" / "artifacts")
+    # An explicit store wins, with ~ expanded.
+    assert RegistryConfig(artifact_store="~/store").artifact_store == str(tmp_path / "home" / "store")
+
+
+def test_the_app_config_composes_the_sections_and_shared_defaults(monkeypatch):
+    monkeypatch.delenv("CCOE_REGISTRY", raising=False)
+    config = AppConfig.load({"backbone": "/m", "telemetry": {"tracing": "memory"}, "registry": {"resync_s": 2}})
+    assert isinstance(config.telemetry, TelemetryConfig) and config.telemetry.tracing == "memory"
+    assert isinstance(config.registry, RegistryConfig) and config.registry.resync_s == 2
+    assert config.replica.budget_fraction == DEFAULT_BUDGET_FRACTION == 0.15
+    # The ops commands' default registry address is where a default config's gRPC port listens.
+    assert load_settings().registry == DEFAULT_REGISTRY == f"127.0.0.1:{config.grpc_port}"
+    assert config.grpc_port == DEFAULT_GRPC_PORT

@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
+import torch
 
 from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
 from ccoe_common.engine.errors import Overloaded
@@ -30,9 +32,15 @@ def core(tmp_path_factory):
         "experts": [uris["math"], uris["sql"]],
         "rules_inline": {"rules": [{"id": "m", "match": {"domain": ["math"]}, "experts": ["math"]}]},
         "telemetry": {"tracing": "memory"},
-        "replica": {"engine": {"max_seq_len": 128, "max_running": 4, "max_batched_tokens": 64}},
+        # A thread count unlike this process's, so that applying it would show.
+        "replica": {"torch_threads": torch.get_num_threads() + 1,
+                    "engine": {"max_seq_len": 128, "max_running": 4, "max_batched_tokens": 64}},
     })
+    threads, switch = torch.get_num_threads(), sys.getswitchinterval()
     runtime = ReplicaRuntime(config)
+    # Process-wide tuning is the replica actor's call (tune_process), not a side effect of
+    # building a runtime in someone else's process.
+    assert (torch.get_num_threads(), sys.getswitchinterval()) == (threads, switch)
     yield RouterCore(config, LocalReplicaClient(runtime)), runtime
     runtime.close()
 

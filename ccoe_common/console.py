@@ -1,4 +1,6 @@
-"""Helpers every subcommand shares: errors, JSON output, tables, progress, device/dtype flags."""
+"""Console conventions shared by the `ccoe` command, the benchmarks and the demo zoo: one JSON
+object for `--json`, aligned tables, progress lines, stdout kept clean for JSON, and user
+errors that print as one line with exit code 2."""
 
 from __future__ import annotations
 
@@ -10,10 +12,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-
-import torch
-
-DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UserError(Exception):
@@ -33,12 +31,6 @@ def positive_int(text: str) -> int:
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-
-
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="torch device (default: CCOE_DEVICE, else cuda if present, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), default="auto",
-                        help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
 
 
 def print_json(obj: Any) -> None:

@@ -1,0 +1,42 @@
+"""The `auth` section of the app config.
+
+    auth: {mode: token, tokens_file: /etc/ccoe/tokens/tokens.yaml}
+    auth: {mode: none}          # explicit: anyone who reaches the port may call anything
+
+The tokens file is a YAML list of `{name, sha256, roles, tenants?}`: only hashes on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["token", "none"] = Field(
+        description="token: every call carries `authorization: Bearer <token>`; none: no authentication "
+                    "(choose it explicitly, e.g. for a stack on loopback only).")
+    tokens_file: str | None = Field(
+        None, description="YAML list of {name, sha256, roles, tenants?} (mode token); on Kubernetes a file "
+                          "mounted from a Secret.")
+    replica_token_file: str | None = Field(
+        None, description="File holding the credential of the app's own routers and replicas (role replica); "
+                          "default: the app mints one when it is built. On Kubernetes a file mounted from a "
+                          "Secret, so that every pod of the release shares it.")
+
+    @field_validator("tokens_file", "replica_token_file")
+    @classmethod
+    def _expand_home(cls, v: str | None) -> str | None:
+        return None if v is None else os.path.expanduser(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthConfig:
+        if self.mode == "token" and not self.tokens_file:
+            raise ValueError("auth.mode token needs auth.tokens_file (mint tokens with `ccoe auth token`)")
+        if self.mode == "none" and (self.tokens_file or self.replica_token_file):
+            raise ValueError("auth.mode none takes no tokens_file or replica_token_file; use mode token")
+        return self
