@@ -5,6 +5,8 @@ CCOE_LOG_LEVEL   logging level for the ccoe command (default WARNING)
 CCOE_DEVICE      default torch device for commands that load a model (default: cuda if present, else cpu)
 CCOE_TRACE_DIR   also write finished trace spans as JSON lines into this folder (tests, debugging)
 CCOE_REGISTRY    gRPC address of the registry for the ops commands (default 127.0.0.1:9000)
+CCOE_REDIS_PASSWORD  password of the registry's Redis when its URL carries none (on Kubernetes
+                 the chart sets it from a Secret, so the password is in no config or command line)
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def _default_device() -> str:
 def cache_dir() -> Path:
     """CCOE_CACHE_DIR, else ~/.cache/ccoe: demo models, the local registry's artifacts."""
     return Path(os.environ.get("CCOE_CACHE_DIR") or Path.home() / ".cache" / "ccoe")
+
+
+def redis_password() -> str | None:
+    """CCOE_REDIS_PASSWORD, e.g. "3f9c..." from the release's Redis Secret; None when unset or empty."""
+    return os.environ.get("CCOE_REDIS_PASSWORD") or None
 
 
 def load_settings() -> Settings:

@@ -27,11 +27,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
 from ccoe_common.errors import ExpertNotFound
 from ccoe_common.registry.errors import RevisionConflict, StaleVersion
+from ccoe_common.settings import redis_password
 
 PREFIX = "ccoe:"
 CHANNEL = PREFIX + "changes"
@@ -153,6 +155,19 @@ class AuditEntry:
         return int(self.id.split("-")[0])
 
 
+def redis_client(url: str, **options: Any) -> redis.Redis:
+    """A client of the registry's Redis, e.g. redis_client("redis://ccoe-redis:6379/0").
+
+    A URL without a password takes CCOE_REDIS_PASSWORD: on Kubernetes the password reaches the
+    pods from a Secret as that variable, so it stays out of the app config, which the RayService,
+    the ConfigMap and Ray's dashboard all show. A password in the URL wins (the local stack's).
+    """
+    password = redis_password()
+    if password and not urlsplit(url).password:
+        options.setdefault("password", password)
+    return redis.Redis.from_url(url, decode_responses=True, **options)
+
+
 class RegistryStore:
     def __init__(self, client: redis.Redis):
         self.r = client
@@ -162,8 +177,8 @@ class RegistryStore:
         self._update = client.register_script(_UPDATE)
 
     @classmethod
-    def from_url(cls, url: str) -> RegistryStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True))
+    def from_url(cls, url: str, **options: Any) -> RegistryStore:
+        return cls(redis_client(url, **options))
 
     # ---- keys ----------------------------------------------------------------------------
 

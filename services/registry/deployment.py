@@ -13,14 +13,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis
 from ray import serve
 
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.artifact_store import ArtifactStore
 from ccoe_common.registry.errors import ArtifactRefused, NoReplicaToValidate
 from ccoe_common.registry.service import RegistryService
-from ccoe_common.registry.store import RegistryStore
+from ccoe_common.registry.store import RegistryStore, redis_client
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
@@ -35,8 +34,8 @@ class Registry:
         self.config = AppConfig.load(config)
         if self.config.redis_url is None:
             raise ValueError("config field redis_url: the registry needs a Redis URL (the local stack starts one)")
-        client = redis.Redis.from_url(self.config.redis_url, decode_responses=True, socket_timeout=2.0,
-                                      socket_connect_timeout=2.0, retry_on_timeout=True)
+        client = redis_client(self.config.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0,
+                              retry_on_timeout=True)
         self.app_name = serve.get_replica_context().app_name
         tracing.setup_tracing(self.config.telemetry)
         self.service = RegistryService(RegistryStore(client), ArtifactStore(self.config.registry.artifact_store),
