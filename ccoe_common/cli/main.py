@@ -10,17 +10,18 @@ from collections.abc import Sequence
 
 import grpc
 
-from ccoe_common.cli import audit, bench, demo, expert, generate, rollout, rules, serve, train
+from ccoe_common.cli import audit, bench, cluster, demo, expert, generate, rollout, rules, serve, train
 from ccoe_common.console import UserError
-from ccoe_common.cli.registry_ops import rpc_error_exit
+from ccoe_common.cli.registry_ops import add_cluster_flags, rpc_error_exit, through_cluster
 from ccoe_common.engine.errors import EngineError
 from ccoe_common.settings import load_settings
 
-COMMANDS = (demo, serve, generate, expert, rollout, rules, audit, bench, train)
+COMMANDS = (demo, serve, generate, expert, rollout, rules, audit, bench, train, cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccoe", description="CCoE Serve: one backbone, many co-resident experts.")
+    add_cluster_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
@@ -32,12 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        with through_cluster(args):
+            return int(args.handler(args) or 0)
     except (UserError, EngineError, ValueError, LookupError, FileNotFoundError) as e:
         # Expected, user-facing failures (bad path, bad artifact, unknown expert): one clear
         # line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"ccoe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if getattr(e, "retryable", False) else 2
     except grpc.RpcError as e:
         # The registry's answer (NOT_FOUND, INVALID_ARGUMENT, ABORTED...) already names what was
         # wrong; the status code tells scripts whether to retry.

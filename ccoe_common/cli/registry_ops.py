@@ -1,7 +1,9 @@
-"""What every registry-talking command shares: where the registry is, who is asking, how gRPC
-errors become one line and an exit code, the upload bar, and how a rollout is shown.
+"""What every registry-talking command shares: where the registry is (an address, or a Helm
+release on Kubernetes reached through a port-forward), who is asking, how gRPC errors become one
+line and an exit code, the upload bar, and how a rollout is shown.
 
     ccoe expert list --registry 10.0.0.5:9000
+    ccoe --kube-context prod --namespace serving --release demo expert list
     ccoe expert push ./exports/law --upload        # --who defaults to alice@laptop
 """
 
@@ -14,13 +16,14 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 import grpc
 
-from ccoe_common.console import positive_int
-from ccoe_common.console import format_table, human_bytes
+from ccoe_common.console import UserError, format_table, human_bytes, positive_int
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.client import RegistryClient, RolloutFailed, policy
 from ccoe_common.settings import DEFAULT_REGISTRY, load_settings
@@ -54,6 +57,48 @@ def add_registry_flags(parser: argparse.ArgumentParser, *, who: bool = False) ->
                         help=f"the registry's gRPC address (default: $CCOE_REGISTRY, else {DEFAULT_REGISTRY})")
     if who:
         parser.add_argument("--who", default=None, help="name recorded in the audit log (default: $USER@hostname)")
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """The global flags that point the registry commands and `ccoe cluster` at a Helm release."""
+    group = parser.add_argument_group(
+        "a release on Kubernetes", "with --release, the registry commands find the release's ops Service through "
+                                   "the Kubernetes API and reach it through a port-forward they open themselves")
+    group.add_argument("--release", metavar="NAME", default=None, help="Helm release of charts/ccoe, e.g. demo")
+    group.add_argument("--namespace", metavar="NS", default=None,
+                       help="its namespace (default: the context's namespace, else default)")
+    group.add_argument("--kube-context", metavar="CONTEXT", default=None,
+                       help="kubeconfig context (default: the current context)")
+    group.add_argument("--kubeconfig", metavar="PATH", default=None,
+                       help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+
+
+@contextmanager
+def through_cluster(args: argparse.Namespace) -> Iterator[None]:
+    """Runs a registry command against `--release`: its registry address becomes a local
+    port-forward to the release's ops Service for as long as the command runs."""
+    if getattr(args, "cluster_command", False):  # `ccoe cluster ...` uses the flags itself
+        yield
+        return
+    if args.release is None:
+        given = [flag for flag, value in (("--namespace", args.namespace), ("--kube-context", args.kube_context),
+                                          ("--kubeconfig", args.kubeconfig)) if value]
+        if given:
+            raise UserError(f"{given[0]} needs --release NAME: the Helm release whose registry to reach")
+        yield
+        return
+    if not hasattr(args, "registry"):
+        raise UserError(f"--release works with the registry commands (expert list/show/push/pop, rollout, rules "
+                        f"get/set, audit) and `ccoe cluster`, not with `ccoe {args.command}`")
+    if args.registry:
+        raise UserError(f"--registry {args.registry} and --release {args.release} both say where the registry is; "
+                        "give one of them")
+    from ccoe_common.kube.cluster import connect, forward_to_ops
+
+    cluster = connect(args.kube_context, args.namespace, args.kubeconfig)
+    with forward_to_ops(cluster, args.release) as address:
+        args.registry = address
+        yield
 
 
 def add_policy_flags(parser: argparse.ArgumentParser) -> None:
@@ -102,9 +147,11 @@ def rpc_error_exit(args: argparse.Namespace, error: grpc.RpcError) -> int:
     """One line on stderr, e.g. "ccoe expert: error: NOT_FOUND: expert 'x' is not registered"."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else "") or str(error)
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE and getattr(args, "release", None):
+        details += f" (through the port-forward to release {args.release}'s ops Service)"
+    elif code == grpc.StatusCode.UNAVAILABLE:
         details += (f" (is a registry listening at {address(args)}? "
-                    "point --registry or CCOE_REGISTRY at it)")
+                    "point --registry or CCOE_REGISTRY at it, or reach a cluster with --release)")
     print(f"ccoe {args.command}: error: {code.name}: {details}", file=sys.stderr)
     return 1 if code in RETRYABLE else 2
 

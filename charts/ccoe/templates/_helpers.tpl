@@ -309,8 +309,11 @@ capabilities:
     secretKeyRef:
       name: {{ include "ccoe.redisSecretName" . }}
       key: {{ include "ccoe.redisPasswordKey" . }}
+# Caches onto the writable emptyDir (the root filesystem is read-only); Triton's default is ~/.triton.
 - name: XDG_CACHE_HOME
   value: /home/ray/.cache
+- name: TRITON_CACHE_DIR
+  value: /home/ray/.cache/triton
 {{- with .Values.ray.env }}
 {{ toYaml . }}
 {{- end }}

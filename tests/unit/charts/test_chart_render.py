@@ -198,7 +198,8 @@ def test_redis_never_runs_or_is_reached_without_a_password(rendered: Rendered) -
         assert "include /run/redis/auth.conf" in conf and "appendonly yes" in conf
     else:
         assert rendered.kinds("StatefulSet") == []
-        ref = {"name": redis["external"]["existingSecret"], "key": redis["external"].get("passwordKey", "redis-password")}
+        external = redis["external"]
+        ref = {"name": external["existingSecret"], "key": external.get("passwordKey", "redis-password")}
     for template in ray_pod_templates(rendered).values():
         env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
         assert env["CCOE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref

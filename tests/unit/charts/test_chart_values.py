@@ -14,8 +14,17 @@ from ray.serve.config import AutoscalingConfig
 
 from ccoe_common.routing.rules import RuleTable
 from ccoe_common.serving.config import AppConfig
-from tests.unit.charts.chart import CHART, RELEASE, ROOT, VALUE_SETS, app_args, ray_pod_templates, render, \
-    render_error, serve_config
+from tests.unit.charts.chart import (
+    CHART,
+    RELEASE,
+    ROOT,
+    VALUE_SETS,
+    app_args,
+    ray_pod_templates,
+    render,
+    render_error,
+    serve_config,
+)
 
 VALUES_TEXT = (CHART / "values.yaml").read_text()
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
@@ -64,7 +73,8 @@ def _schema_at(path: str) -> dict[str, Any] | None:
         props = node.get("properties", {})
         if part in props:
             node = props[part]
-        elif node.get("additionalProperties") not in (None, False) or node.get("type") == "object" and "properties" not in node:
+        elif node.get("additionalProperties") not in (None, False) or (
+                node.get("type") == "object" and "properties" not in node):
             return node  # a free-form map (nodeSelector, app, ...): its keys are the user's
         else:
             return None
@@ -124,9 +134,11 @@ def test_the_schema_refuses_a_bad_value_naming_it(values: dict[str, Any], named:
     ({"app": {"registry": {"artifact_store": "/tmp/x"}}}, "app.registry.artifact_store is set by the chart"),
     ({"otel": {"endpoint": "http://otel:4317"}, "app": {"telemetry": {"tracing": "console"}}},
      "app.telemetry.tracing is set by the chart when otel.endpoint is set"),
-    ({"replicas": {"count": 3}}, "replicas.count 3 x gpu.perReplica 1 needs 3 GPUs; workers.maxReplicas 1 x gpu.count 1 gives 1"),
+    ({"replicas": {"count": 3}},
+     "replicas.count 3 x gpu.perReplica 1 needs 3 GPUs; workers.maxReplicas 1 x gpu.count 1 gives 1"),
     ({"workers": {"maxReplicas": 3}}, "artifacts.pvc.accessMode"),  # default RWX is fine: must not fail
-    ({"workers": {"minReplicas": 3, "maxReplicas": 2, "replicas": 2}}, "workers.minReplicas (3) is above workers.maxReplicas (2)"),
+    ({"workers": {"minReplicas": 3, "maxReplicas": 2, "replicas": 2}},
+     "workers.minReplicas (3) is above workers.maxReplicas (2)"),
     ({"workers": {"maxReplicas": 2}, "artifacts": {"pvc": {"accessMode": "ReadWriteOnce"}}},
      "artifacts.pvc.accessMode ReadWriteOnce cannot serve workers.maxReplicas 2"),
     ({"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade",
@@ -273,3 +285,46 @@ def test_the_charts_ray_version_is_the_one_the_project_pins_and_installs() -> No
     values = yaml.safe_load(VALUES_TEXT)
     assert re.findall(r'"ray\[serve\]([^"]*)"', PYPROJECT) == [f"=={values['ray']['version']}"]
     assert version("ray") == values["ray"]["version"]
+
+
+# ---- what a change does (docs/kubernetes.md "What a change does") ----------------------------------
+
+def _parts(values: dict[str, Any]) -> tuple[str, str, str]:
+    r = render(values)
+    spec = r.one("RayService")["spec"]
+    return (spec["serveConfigV2"], json.dumps(spec["rayClusterConfig"], sort_keys=True),
+            json.dumps(r.one("ConfigMap", f"{RELEASE}-ccoe-config")["data"], sort_keys=True))
+
+
+@pytest.mark.parametrize("change, serve, cluster", [
+    ({"app": {"router": {"max_fanout": 2}}}, True, False),
+    ({"replicas": {"count": 1, "cpus": 3}}, True, False),
+    ({"replicas": {"autoscaling": {"enabled": True, "maxReplicas": 1}}}, True, False),
+    ({"gpu": {"perReplica": 0.5}}, True, False),
+    ({"otel": {"endpoint": "http://otel:4317"}}, True, False),
+    ({"model": {"path": "/models/other"}}, True, False),
+    ({"rules": {"version": 1, "rules": []}}, True, False),  # once: args gain the rules path
+    ({"image": {"tag": "0.1.1-cuda"}}, False, True),
+    ({"ray": {"version": "2.60.0", "head": {"resources": {"requests": {"cpu": "3"}}}}}, False, True),
+    ({"gpu": {"count": 2}}, False, True),
+    ({"auth": {"existingSecret": "other"}}, False, True),
+    ({"auth": {"tokensKey": "t.yaml"}}, True, True),
+    ({"service": {"grpcPort": 9443}}, True, True),
+    ({"metrics": {"podAnnotations": False}}, False, True),
+    ({"redis": {"appendfsync": "always"}}, False, False),
+    ({"networkPolicy": {"enabled": False}}, False, False),
+    ({"helm-chart-bump": True}, False, False),
+])
+def test_which_values_change_the_serve_config_and_which_the_ray_cluster(change, serve, cluster):
+    base = _parts({})
+    if "helm-chart-bump" in change:
+        changed = _parts({"commonLabels": {"team": "serving"}})  # labels outside the pod templates
+    else:
+        changed = _parts(change)
+    assert (changed[0] != base[0], changed[1] != base[1]) == (serve, cluster)
+
+
+def test_editing_rules_touches_only_the_config_map():
+    before = _parts({"rules": {"version": 1, "rules": []}})
+    after = _parts({"rules": {"version": 2, "rules": [{"id": "a", "match": {"keywords": ["x"]}, "experts": ["a"]}]}})
+    assert before[:2] == after[:2] and before[2] != after[2]
