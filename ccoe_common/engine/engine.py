@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ccoe_common.engine.detokenizer import IncrementalDetokenizer
-from ccoe_common.engine.errors import Cancelled, DeadlineExceeded, EngineError, EngineStopped, InvalidRequest
+from ccoe_common.engine.errors import Cancelled, DeadlineExceeded, EngineError, EngineStopped
 from ccoe_common.engine.malloc import retain_freed_memory
 from ccoe_common.engine.openmp import release_openmp_workers
 from ccoe_common.engine.params import GenerationRequest, GenerationResult, Timings, TokenDelta, Usage
@@ -39,6 +39,7 @@ from ccoe_common.engine.residency import ExpertResidency
 from ccoe_common.engine.sampler import RowSampling, make_generator, sample
 from ccoe_common.engine.scheduler import PrefillChunk, Scheduler, Sequence, StepPlan
 from ccoe_common.engine.templates import TemplateError, render_alpaca, render_chat
+from ccoe_common.errors import InvalidRequest
 from ccoe_common.experts.artifact import ExpertArtifact
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model.ccoe import CCoEModel

@@ -1,48 +1,17 @@
-"""Errors the engine reports for a request. Each carries the status a gRPC edge should map it
-to (`code`), and whether retrying the same request later can succeed (`retryable`)."""
+"""Errors the engine reports for a request it accepted or refused. Each carries the status a
+gRPC edge maps it to (`code`) and whether retrying the same request later can succeed
+(`retryable`); see ccoe_common/errors.py for the family and for the errors the engine shares
+with other layers (InvalidRequest, ExpertNotFound, ExpertNotReady)."""
 
 from __future__ import annotations
 
+from ccoe_common.errors import CCoEError
 
-class EngineError(Exception):
+
+class EngineError(CCoEError):
+    """A step failed: its requests fail with this, and the loop keeps serving the others."""
+
     code = "INTERNAL"
-    retryable = False
-
-    def __reduce__(self):
-        # Errors cross process boundaries (Ray pickles them): rebuild from the constructor's
-        # own arguments, whatever a subclass's signature is.
-        return _rebuild, (type(self), self.args, dict(self.__dict__))
-
-
-def _rebuild(cls: type, args: tuple, state: dict) -> EngineError:
-    error = cls.__new__(cls)
-    Exception.__init__(error, *args)
-    error.__dict__.update(state)
-    return error
-
-
-class InvalidRequest(EngineError, ValueError):
-    """A request field is out of range or malformed. `param` names it, e.g. "temperature"."""
-
-    code = "INVALID_ARGUMENT"
-
-    def __init__(self, param: str, message: str):
-        self.param = param
-        super().__init__(f"{param}: {message}")
-
-
-class ExpertUnavailable(EngineError, LookupError):
-    """The requested expert (or version) is not resident here, or is draining after a pop."""
-
-    code = "NOT_FOUND"
-
-
-class ExpertNotReady(ExpertUnavailable):
-    """The version is resident but still staged: its smoke test runs, and it serves once that
-    passes (seconds), or is removed if it fails. Transient, so UNAVAILABLE and retryable."""
-
-    code = "UNAVAILABLE"
-    retryable = True
 
 
 class Overloaded(EngineError):

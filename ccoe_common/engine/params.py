@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ccoe_common.engine.errors import InvalidRequest
 from ccoe_common.engine.templates import TEMPLATES, Template
+from ccoe_common.errors import InvalidRequest
 from ccoe_common.experts.reference import ExpertKey
 
 MAX_STOP_STRINGS = 16

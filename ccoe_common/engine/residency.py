@@ -27,8 +27,7 @@ import threading
 from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
-from ccoe_common.engine.errors import ExpertNotReady, ExpertUnavailable
-from ccoe_common.experts.errors import ExpertNotResident
+from ccoe_common.errors import ExpertNotFound, ExpertNotReady
 from ccoe_common.experts.reference import ExpertKey
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ class ExpertStore(Protocol):
     def pop(self, name: str, version: int | None = None) -> list[ExpertKey]: ...
 
     def get(self, selector: ExpertKey) -> LoadedExpert:
-        """The resident version `selector` names; raises ExpertNotResident."""
+        """The resident version `selector` names; raises ExpertNotFound."""
         ...
 
     def resident(self) -> list[ExpertKey]: ...
@@ -79,7 +78,7 @@ class ExpertResidency:
         """
         with self._lock:
             if expert.key in self._draining:
-                raise ExpertUnavailable(f"expert {expert.key} is still draining after a pop; push another version")
+                raise ExpertNotFound(f"expert {expert.key} is still draining after a pop; push another version")
             key = self._store.push(expert)
             if staged:
                 self._staged.add(key)
@@ -91,20 +90,17 @@ class ExpertResidency:
             if key not in self._staged:
                 state = "draining" if key in self._draining else (
                     "already admitted" if key in self._store.resident() else "not resident")
-                raise ExpertUnavailable(f"expert {key} is not staged here ({state}); push it with staged=True first")
+                raise ExpertNotFound(f"expert {key} is not staged here ({state}); push it with staged=True first")
             self._staged.discard(key)
 
     def retirable(self, name: str, version: int | None = None) -> list[ExpertKey]:
         """The resident, not yet draining versions a pop of `name` (or `name@version`) takes."""
         with self._lock:
-            try:
-                keys = ([self._store.get(ExpertKey(name, version)).key] if version is not None
-                        else self._store.versions_of(name))
-            except ExpertNotResident as e:
-                raise ExpertUnavailable(str(e)) from e
+            keys = ([self._store.get(ExpertKey(name, version)).key] if version is not None
+                    else self._store.versions_of(name))
             keys = [k for k in keys if k not in self._draining]
             if not keys:
-                raise ExpertUnavailable(f"no resident, non-draining version of expert {name!r}")
+                raise ExpertNotFound(f"no resident, non-draining version of expert {name!r}")
             return keys
 
     def drain(self, keys: list[ExpertKey]) -> list[ExpertKey]:
@@ -181,7 +177,7 @@ class ExpertResidency:
         elif key in live:
             return key
         elif key in self._draining:
-            raise ExpertUnavailable(f"expert {key} is being removed (draining); "
+            raise ExpertNotFound(f"expert {key} is being removed (draining); "
                                     f"live versions: {[k.version for k in live] or 'none'}")
         elif key in self._staged:
             if allow_staged:
@@ -189,7 +185,7 @@ class ExpertResidency:
             raise ExpertNotReady(f"expert {key} is still being smoke-tested here (staged); retry in a "
                                  f"few seconds; live versions: {[k.version for k in live] or 'none'}")
         resident = sorted({str(k) for k in self._store.resident() if k not in closed})
-        raise ExpertUnavailable(f"expert {selector!s} is not served here; resident experts: {resident or 'none'}")
+        raise ExpertNotFound(f"expert {selector!s} is not served here; resident experts: {resident or 'none'}")
 
     def _free_if_unused(self, key: ExpertKey) -> None:
         if key in self._draining and self._refs[key] == 0:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from ccoe_common.errors import CCoEError
+
 Template = Literal["raw", "alpaca", "chat"]
 TEMPLATES: tuple[Template, ...] = ("raw", "alpaca", "chat")
 
@@ -25,8 +27,10 @@ _ALPACA_HEAD_WITH_INPUT = (
 )
 
 
-class TemplateError(ValueError):
+class TemplateError(CCoEError, ValueError):
     """A request that cannot be rendered with the chosen template."""
+
+    code = "INVALID_ARGUMENT"
 
 
 def render_alpaca(instruction: str, input_text: str = "") -> str:

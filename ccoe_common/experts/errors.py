@@ -1,26 +1,29 @@
 """Typed errors for expert artifacts and experts. Each names the field, expected and found.
 
-Callers branch on the type (a registry maps them to gRPC statuses); people read the message:
+Callers branch on the type (the registry refuses the push) and the edge on `code`
+(INVALID_ARGUMENT); people read the message:
     ChecksumMismatch: expert artifact 'file:///a/math': weights_sha256 expected 'ab12…', found '9f00…'
     (the weights file is corrupt or was changed after the manifest was written)
+
+An expert that is not resident is ccoe_common.errors.ExpertNotFound, the same in every layer.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ccoe_common.errors import CCoEError
 
-class ExpertError(ValueError):
-    """Base of every refusal to create, load or serve an expert."""
+
+class ExpertError(CCoEError, ValueError):
+    """Base of every refusal to create, load or serve an expert artifact."""
+
+    code = "INVALID_ARGUMENT"
 
     def __init__(self, subject: str, field: str, expected: Any, found: Any, hint: str = ""):
         self.subject, self.field, self.expected, self.found, self.hint = subject, field, expected, found, hint
         msg = f"{subject}: {field} expected {_short(expected)}, found {_short(found)}"
         super().__init__(f"{msg} ({hint})" if hint else msg)
-
-    def __reduce__(self):
-        # Crosses process boundaries (Ray): rebuild from the fields, not from the message.
-        return type(self), (self.subject, self.field, self.expected, self.found, self.hint)
 
 
 def _short(value: Any) -> str:
@@ -73,12 +76,10 @@ class InvalidPlacement(ExpertError):
     """The expert's layers do not fit the backbone or its kind."""
 
 
-class ExpertNotResident(LookupError):
-    """No resident expert (or version) of that name."""
-
-
-class ExpertVersionExists(ValueError):
+class ExpertVersionExists(CCoEError, ValueError):
     """That name and version is already resident; push a new version instead."""
+
+    code = "ALREADY_EXISTS"
 
 
 class WeightsUnreadable(ExpertError):

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION
+from ccoe_common.errors import ExpertNotFound
 from ccoe_common.experts.artifact import ExpertArtifact, read_artifact
-from ccoe_common.experts.errors import ExpertNotResident, ExpertVersionExists
+from ccoe_common.experts.errors import ExpertVersionExists
 from ccoe_common.experts.manifest import ExpertManifest
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model.backbone import Backbone, RowGroup
@@ -113,7 +114,7 @@ class CCoEModel:
         with self._lock:
             keys = [self._resolve_key(name, version)] if version is not None else self.versions_of(name)
             if not keys:
-                raise ExpertNotResident(f"no resident expert named {name!r}; resident: {self._names()}")
+                raise ExpertNotFound(f"no resident expert named {name!r}; resident: {self._names()}")
             newest = self._experts[keys[-1]]
         if export_to is not None:
             newest.to_artifact(export_to, self.info)  # unlocked: forwards go on meanwhile
@@ -131,7 +132,7 @@ class CCoEModel:
 
     def get(self, selector: ExpertSelector) -> LoadedExpert:
         if selector is None:
-            raise ExpertNotResident("no expert selected")
+            raise ExpertNotFound("no expert selected")
         with self._lock:
             if isinstance(selector, ExpertKey):
                 key = self._resolve_key(selector.name, selector.version)
@@ -161,12 +162,12 @@ class CCoEModel:
     def _resolve_key(self, name: str, version: int | None) -> ExpertKey:
         versions = self.versions_of(name)
         if not versions:
-            raise ExpertNotResident(f"no resident expert named {name!r}; resident: {self._names()}")
+            raise ExpertNotFound(f"no resident expert named {name!r}; resident: {self._names()}")
         if version is None:
             return versions[-1]
         key = ExpertKey(name, version)
         if key not in self._experts:
-            raise ExpertNotResident(
+            raise ExpertNotFound(
                 f"expert {name!r} has no resident version {version}; resident versions: {[k.version for k in versions]}"
             )
         return key
@@ -183,7 +184,7 @@ class CCoEModel:
                 elif key in self._experts:
                     loaded.append(self._experts[key])
                 else:
-                    raise ExpertNotResident(f"expert {key} is not resident; resident: "
+                    raise ExpertNotFound(f"expert {key} is not resident; resident: "
                                             f"{[str(k) for k in sorted(self._experts)] or '(none)'}")
             return loaded
 

@@ -12,12 +12,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ccoe_common.errors import CCoEError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class BackboneConfigError(ValueError):
-    """The checkpoint's config.json describes a model this engine cannot run."""
+class BackboneConfigError(CCoEError, ValueError):
+    """The checkpoint's config.json describes a model this engine cannot run. The server's own
+    checkpoint, not the caller's input, is at fault: FAILED_PRECONDITION."""
+
+    code = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ccoe_common.errors import CCoEError
+
 Strategy = Literal["GL", "FB", "FE", "MD", "BE"]
 STRATEGIES: tuple[Strategy, ...] = ("GL", "FB", "FE", "MD", "BE")
 
 
-class PlacementError(ValueError):
+class PlacementError(CCoEError, ValueError):
     """A placement that does not fit the backbone (layer out of range, too many layers, ...)."""
+
+    code = "INVALID_ARGUMENT"
 
 
 class Placement(BaseModel):

@@ -20,6 +20,7 @@ from typing import IO, Callable
 import fsspec
 from fsspec import AbstractFileSystem
 
+from ccoe_common.errors import CCoEError
 from ccoe_common.experts.artifact import _join, read_manifest
 from ccoe_common.experts.errors import ArtifactNotFound, ChecksumMismatch, ManifestMalformed
 from ccoe_common.experts.manifest import MANIFEST_FILE, WEIGHTS_FILE, ExpertManifest
@@ -42,8 +43,11 @@ class StoredArtifact:
     manifest: ExpertManifest
 
 
-class ArtifactConflict(Exception):
-    """The destination already holds that name@version with different weights."""
+class ArtifactConflict(CCoEError):
+    """The destination already holds that name@version with different weights. The registry
+    answers a push that meets one with ArtifactRefused (INVALID_ARGUMENT)."""
+
+    code = "ALREADY_EXISTS"
 
 
 def _fs(uri: str) -> tuple[AbstractFileSystem, str]:

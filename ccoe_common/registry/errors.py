@@ -1,11 +1,14 @@
-"""Registry errors. Each carries the gRPC status code the registry answers with."""
+"""Registry errors: what the control plane refuses, each with the gRPC status it answers with.
+An expert or version that is not registered is ccoe_common.errors.ExpertNotFound (NOT_FOUND),
+the same error the router and the replicas raise for an expert that is not there."""
 
 from __future__ import annotations
 
+from ccoe_common.errors import CCoEError
 
-class RegistryError(Exception):
+
+class RegistryError(CCoEError):
     code = "INTERNAL"
-    retryable = False
 
 
 class RevisionConflict(RegistryError):
@@ -19,16 +22,9 @@ class RevisionConflict(RegistryError):
         super().__init__(f"{what} changed concurrently: you sent revision {expected}, current is {current}; "
                          "re-read and retry")
 
-    def __reduce__(self):
-        return RevisionConflict, (self.what, self.expected, self.current)
-
 
 class StaleVersion(RegistryError):
     code = "FAILED_PRECONDITION"
-
-
-class UnknownExpert(RegistryError):
-    code = "NOT_FOUND"
 
 
 class RolloutInProgress(RegistryError):

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import redis
 import yaml
 
+from ccoe_common.errors import ExpertNotFound
 from ccoe_common.experts.artifact import read_manifest
 from ccoe_common.experts.errors import ExpertError
 from ccoe_common.pb import inference_pb2 as ipb
@@ -38,7 +39,6 @@ from ccoe_common.registry.errors import (
     RevisionConflict,
     RolloutInProgress,
     StoreUnavailable,
-    UnknownExpert,
 )
 from ccoe_common.registry.store import DesiredState, RegistryStore
 from ccoe_common.routing.rules import RuleTable, RuleTableError
@@ -202,7 +202,7 @@ class RegistryService:
                 try:
                     await self._io(self.store.version, manifest.name, manifest.version)
                     raise
-                except UnknownExpert:
+                except ExpertNotFound:
                     await asyncio.to_thread(self.artifacts.discard, manifest.name, manifest.version)
                 return await asyncio.to_thread(self.artifacts.put, uri)
         except (ExpertError, ArtifactConflict) as e:
@@ -213,10 +213,10 @@ class RegistryService:
         live_versions = [v.version for v in record.versions if v.state != "retired"]
         versions = [req.version] if req.version else live_versions
         if req.version and req.version not in [v.version for v in record.versions]:
-            raise UnknownExpert(f"expert {req.name!r} has no version {req.version}; "
-                                f"registered: {[v.version for v in record.versions]}")
+            raise ExpertNotFound(f"expert {req.name!r} has no version {req.version}; "
+                                 f"registered: {[v.version for v in record.versions]}")
         if not versions:
-            raise UnknownExpert(f"expert {req.name!r} has no version left to pop (all are retired)")
+            raise ExpertNotFound(f"expert {req.name!r} has no version left to pop (all are retired)")
         exported = ""
         if req.export_to:
             source = next(v for v in reversed(record.versions) if v.version == max(versions))
@@ -259,7 +259,7 @@ class RegistryService:
         for name in await self._io(self.store.names):
             try:
                 record = await self._io(self.store.expert, name)
-            except UnknownExpert:  # removed between the two reads
+            except ExpertNotFound:  # removed between the two reads
                 continue
             infos.append(self._info(record, state.rollouts.get(name), live))
         return pb.ListExpertsResponse(revision=state.rev, experts=infos)
@@ -331,7 +331,7 @@ class RegistryService:
         record = await self._io(self.store.rollout, expert)
         if record is None:
             await self._io(self.store.expert, expert)  # NOT_FOUND naming an unknown expert
-            raise UnknownExpert(f"expert {expert!r} is registered but has had no rollout yet")
+            raise ExpertNotFound(f"expert {expert!r} is registered but has had no rollout yet")
         return rollout_to_pb(record, await self._live())
 
     async def rollback(self, req: pb.RollbackRequest) -> pb.Rollout:
@@ -495,7 +495,7 @@ class RegistryService:
                 if current.latest >= stored.version:
                     continue
                 rev = current.rev
-            except UnknownExpert:
+            except ExpertNotFound:
                 rev = 0
             try:
                 await self._io(self.store.push_version, stored.name, stored.version,

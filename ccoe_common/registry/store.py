@@ -31,7 +31,8 @@ from urllib.parse import urlsplit
 
 import redis
 
-from ccoe_common.registry.errors import RevisionConflict, StaleVersion, UnknownExpert
+from ccoe_common.errors import ExpertNotFound
+from ccoe_common.registry.errors import RevisionConflict, StaleVersion
 from ccoe_common.settings import redis_password
 
 PREFIX = "ccoe:"
@@ -218,7 +219,7 @@ class RegistryStore:
                   "" if rollout is None else json.dumps(rollout, sort_keys=True)],
         )
         if result[0] == "missing":
-            raise UnknownExpert(f"expert {name!r} has no version {versions[int(result[1]) - 1]}")
+            raise ExpertNotFound(f"expert {name!r} has no version {versions[int(result[1]) - 1]}")
         return self._outcome(result, f"expert {name!r}", expected_rev)
 
     def update_expert(self, name: str, *, expected_rev: int, who: str, what: str, detail: dict[str, Any],
@@ -256,7 +257,7 @@ class RegistryStore:
     def expert(self, name: str) -> ExpertRecord:
         head = self.r.hgetall(self._expert(name))
         if not head:
-            raise UnknownExpert(f"no expert named {name!r} is registered")
+            raise ExpertNotFound(f"no expert named {name!r} is registered")
         latest = int(head["latest"])
         pipe = self.r.pipeline(transaction=True)
         for v in range(1, latest + 1):
@@ -270,7 +271,7 @@ class RegistryStore:
     def version(self, name: str, version: int) -> VersionRecord:
         row = self.r.hgetall(self._version(name, version))
         if not row:
-            raise UnknownExpert(f"expert {name!r} has no version {version}")
+            raise ExpertNotFound(f"expert {name!r} has no version {version}")
         return VersionRecord(name, version, row["uri"], row["state"], json.loads(row["manifest"]),
                              int(row["registered_rev"]))
 

@@ -12,14 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ccoe_common.engine.errors import EngineError, InvalidRequest
+from ccoe_common.errors import InvalidRequest, Unimplemented
 from ccoe_common.routing.rules import RuleTable
 
 Mode = Literal["AUTO", "RULES", "EXPERT", "PLAN"]
-
-
-class Unimplemented(EngineError):
-    code = "UNIMPLEMENTED"
 
 
 @dataclass(frozen=True)

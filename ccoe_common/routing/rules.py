@@ -33,11 +33,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ccoe_common.errors import CCoEError
 from ccoe_common.experts.reference import NAME_RE
 
 
-class RuleTableError(ValueError):
+class RuleTableError(CCoEError, ValueError):
     """A rule table that cannot be loaded. `rule_id` names the rule ("" for table-level problems)."""
+
+    code = "INVALID_ARGUMENT"
 
     def __init__(self, rule_id: str, reason: str):
         self.rule_id, self.reason = rule_id, reason

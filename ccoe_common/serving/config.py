@@ -20,12 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ccoe_common.auth.config import AuthConfig
 from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DEFAULT_GRPC_PORT
 from ccoe_common.engine.engine import EngineConfig
+from ccoe_common.errors import CCoEError
 from ccoe_common.registry.config import RegistryConfig
 from ccoe_common.telemetry.config import TelemetryConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(CCoEError, ValueError):
     """The application config is invalid; the message names the field."""
+
+    code = "INVALID_ARGUMENT"
 
 
 class ReplicaConfig(BaseModel):

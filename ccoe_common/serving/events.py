@@ -1,45 +1,28 @@
-"""What crosses the router → replica boundary: plain dicts, so Ray pickles nothing of ours
-that could drift between processes, and errors arrive as data instead of wrapped exceptions.
+"""What crosses the router → replica boundary: typed events that Ray pickles as they are.
 
-    {"kind": "delta", "token_ids": [17], "text": "4", "expert": ["math", 2], "finish_reason": None, ...}
-    {"kind": "error", "code": "NOT_FOUND", "message": "expert law is not served here ...", "retryable": False}
+A replica's stream for one request is zero or more DeltaEvents, ending with one whose
+`finish_reason` is set, or with one ErrorEvent. An error travels as data, not as a pickled
+exception, and becomes an exception only where the router raises it (`ErrorEvent.to_error`):
+
+    DeltaEvent(token_ids=[17], text="4", expert=ExpertKey("math", 2))
+    DeltaEvent(token_ids=[2], text="", finish_reason="stop", expert=ExpertKey("math", 2),
+               usage=Usage(prompt_tokens=9, completion_tokens=2), timings=Timings(0.001, 0.02, 0.05))
+    ErrorEvent(code="NOT_FOUND", message="expert law is not served here; resident experts: ['math@2']")
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
-from ccoe_common.engine.errors import EngineError
-from ccoe_common.engine.params import TokenDelta
-
-Event = dict[str, Any]
-
-
-def delta_event(d: TokenDelta) -> Event:
-    return {
-        "kind": "delta",
-        "token_ids": d.token_ids,
-        "text": d.text,
-        "logprobs": d.logprobs,
-        "finish_reason": d.finish_reason,
-        "expert": None if d.expert is None else [d.expert.name, d.expert.version],
-        "usage": None if d.usage is None else [d.usage.prompt_tokens, d.usage.completion_tokens],
-        "timings": None if d.timings is None else [d.timings.queue_s, d.timings.ttft_s, d.timings.total_s],
-    }
+from ccoe_common.engine.params import Timings, TokenDelta, Usage
+from ccoe_common.errors import CCoEError
+from ccoe_common.experts.reference import ExpertKey
 
 
-def error_event(e: EngineError) -> Event:
-    return {
-        "kind": "error",
-        "code": e.code,
-        "message": str(e),
-        "retryable": e.retryable,
-        "retry_after_s": getattr(e, "retry_after_s", None),
-    }
-
-
-class ServingError(EngineError):
-    """An error to return to a gRPC caller: `code` is a grpc.StatusCode name."""
+class ServingError(CCoEError):
+    """An error whose status is known only at run time (one a replica reported, an unexpected
+    exception at the edge): `code` is a grpc.StatusCode name, e.g.
+    ServingError("FAILED_PRECONDITION", "rule 'legal' consults 5 experts; the limit is 4")."""
 
     def __init__(self, code: str, message: str, retryable: bool = False, retry_after_s: float | None = None):
         self.code = code
@@ -47,10 +30,42 @@ class ServingError(EngineError):
         self.retry_after_s = retry_after_s
         super().__init__(message)
 
-    @classmethod
-    def from_event(cls, event: Event) -> ServingError:
-        return cls(event["code"], event["message"], event.get("retryable", False), event.get("retry_after_s"))
+
+@dataclass(frozen=True)
+class DeltaEvent:
+    """One engine step's output for one request (TokenDelta without the request id, which
+    the router already knows)."""
+
+    token_ids: list[int]  # the token ids this step produced
+    text: str  # the text they complete; "" while a multi-byte character or a stop string is pending
+    logprobs: list[float] | None = None  # one per token id, when the request asked for them
+    finish_reason: str | None = None  # "stop" | "length" on the request's last event, else None
+    expert: ExpertKey | None = None  # the version the replica pinned; None for the bare backbone
+    usage: Usage | None = None  # token counts, on the last event only
+    timings: Timings | None = None  # seconds from the replica's submission, on the last event only
 
     @classmethod
-    def from_engine(cls, e: EngineError) -> ServingError:
-        return e if isinstance(e, ServingError) else cls(e.code, str(e), e.retryable, getattr(e, "retry_after_s", None))
+    def from_delta(cls, delta: TokenDelta) -> DeltaEvent:
+        return cls(token_ids=delta.token_ids, text=delta.text, logprobs=delta.logprobs,
+                   finish_reason=delta.finish_reason, expert=delta.expert, usage=delta.usage, timings=delta.timings)
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The request failed on the replica; the last event of its stream."""
+
+    code: str  # the grpc.StatusCode name the caller gets, e.g. "NOT_FOUND"
+    message: str  # what went wrong and what to do, as the replica's error said it
+    retryable: bool = False  # whether the same request may succeed later
+    retry_after_s: float | None = None  # when to retry, if the replica knows (Overloaded does)
+
+    @classmethod
+    def from_error(cls, error: CCoEError) -> ErrorEvent:
+        return cls(code=error.code, message=str(error), retryable=error.retryable, retry_after_s=error.retry_after_s)
+
+    def to_error(self) -> ServingError:
+        """The exception the router raises for this event, with the same status and message."""
+        return ServingError(self.code, self.message, self.retryable, self.retry_after_s)
+
+
+Event = DeltaEvent | ErrorEvent

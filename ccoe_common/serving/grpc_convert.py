@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from ccoe_common.engine.errors import InvalidRequest
-from ccoe_common.engine.params import GenerationRequest, SamplingParams
+from ccoe_common.engine.params import GenerationRequest, SamplingParams, Usage
+from ccoe_common.errors import InvalidRequest
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.routing.resolve import Route, RouteQuery
 from ccoe_common.serving.grpc_servicers import DECODE_ERROR_KEY
@@ -86,5 +86,5 @@ def route_trace(route: Route, versions: dict[str, int]) -> pb.RouteTrace:
     )
 
 
-def usage(pair: list[int] | None) -> pb.Usage | None:
-    return None if pair is None else pb.Usage(prompt_tokens=pair[0], completion_tokens=pair[1])
+def usage(u: Usage | None) -> pb.Usage | None:
+    return None if u is None else pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)

@@ -12,11 +12,11 @@ import torch
 
 from ccoe_common.defaults import DTYPE_CHOICES
 from ccoe_common.engine.engine import Engine
-from ccoe_common.engine.errors import EngineError
 from ccoe_common.engine.params import GenerationRequest
+from ccoe_common.errors import CCoEError
 from ccoe_common.model import CCoEModel
 from ccoe_common.serving.config import AppConfig, ReplicaConfig
-from ccoe_common.serving.events import Event, delta_event, error_event
+from ccoe_common.serving.events import DeltaEvent, ErrorEvent, Event
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 
@@ -49,7 +49,7 @@ class ReplicaRuntime:
         self.update_gauges()
 
     async def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]:
-        """Engine deltas as events; engine errors become one final error event."""
+        """Engine deltas as DeltaEvents; an error becomes one final ErrorEvent."""
         submitted_ns = time.time_ns()
         expert = "backbone" if request.expert is None else str(request.expert)
         code = "CANCELLED"  # unless the stream ends otherwise: the caller went away
@@ -74,11 +74,11 @@ class ReplicaRuntime:
                         if delta.timings.ttft_s is not None:
                             self.metrics.first_token(expert, delta.timings.ttft_s)
                         self.metrics.inter_token(expert, gaps[1:])  # gaps[0] is the time to first token
-                    yield delta_event(delta)
-            except EngineError as e:
+                    yield DeltaEvent.from_delta(delta)
+            except CCoEError as e:
                 code = e.code
                 s.set_attribute("error.code", e.code)
-                yield error_event(e)
+                yield ErrorEvent.from_error(e)
             finally:
                 if code != "OK":
                     self.metrics.request_finished(expert, code)

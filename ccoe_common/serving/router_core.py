@@ -20,17 +20,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from ccoe_common.engine.errors import EngineError
-from ccoe_common.engine.params import GenerationRequest
+from ccoe_common.engine.params import GenerationRequest, Timings
+from ccoe_common.errors import CCoEError, ExpertNotFound
 from ccoe_common.experts.artifact import read_manifest
-from ccoe_common.experts.errors import ExpertError
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.pb import inference_pb2 as pb
-from ccoe_common.registry.errors import RegistryError
 from ccoe_common.routing.resolve import Route, decide
 from ccoe_common.routing.rules import RuleTable, RuleTableError
 from ccoe_common.serving.config import AppConfig
-from ccoe_common.serving.events import Event, ServingError
+from ccoe_common.serving.events import ErrorEvent, Event, ServingError
 from ccoe_common.serving.grpc_convert import parse_request, route_trace, usage
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
@@ -122,9 +120,9 @@ class RouterCore:
         if version is not None or self.serving is None:
             return version
         if name not in self.serving:
-            raise ServingError("NOT_FOUND", f"expert {name!r} is not served: it is not registered, was popped, "
-                                            f"or its first version is still rolling out; serving: "
-                                            f"{sorted(self.serving) or 'none'}")
+            raise ExpertNotFound(f"expert {name!r} is not served: it is not registered, was popped, "
+                                 f"or its first version is still rolling out; serving: "
+                                 f"{sorted(self.serving) or 'none'}")
         return self.serving[name]
 
     def set_rules(self, table: RuleTable) -> None:
@@ -136,7 +134,7 @@ class RouterCore:
     async def _plan_fresh(self, req: pb.GenerateRequest) -> tuple[Route, list[GenerationRequest], list[bool]]:
         try:
             return self._plan(req)
-        except ServingError as e:
+        except CCoEError as e:
             if e.code != "NOT_FOUND" or self.refresh_view is None:
                 raise
         await self.refresh_view()
@@ -172,8 +170,8 @@ class RouterCore:
             retry = None
             try:
                 async for event in stream:
-                    if (attempt == 0 and pinned_by_router and event["kind"] == "error"
-                            and event["code"] == "NOT_FOUND"):
+                    if (attempt == 0 and pinned_by_router and isinstance(event, ErrorEvent)
+                            and event.code == "NOT_FOUND"):
                         retry = await self._newer_version(request)
                         if retry is not None:
                             break
@@ -275,17 +273,16 @@ class RouterCore:
             versions: dict[str, int] = {}
             first = True
             async for i, event in self._merged(requests, pinned):
-                if event["kind"] == "error":
-                    raise ServingError.from_event(event)
-                expert = event["expert"]
-                if expert is not None:
-                    versions[expert[0]] = expert[1]
+                if isinstance(event, ErrorEvent):
+                    raise event.to_error()
+                if event.expert is not None:
+                    versions[event.expert.name] = event.expert.version
                 msg = pb.GenerateStreamResponse(
-                    request_id=requests[i].request_id, text=event["text"], token_ids=event["token_ids"],
-                    logprobs=event["logprobs"] or [], finish_reason=event["finish_reason"] or "",
+                    request_id=requests[i].request_id, text=event.text, token_ids=event.token_ids,
+                    logprobs=event.logprobs or [], finish_reason=event.finish_reason or "",
                     expert=pb.ExpertRef(name=names[i], version=versions.get(names[i], 0)) if names[i] else None,
-                    usage=usage(event["usage"]),
-                    timings=_timings(event["timings"], start) if event["timings"] else None,
+                    usage=usage(event.usage),
+                    timings=_timings(event.timings, start) if event.timings else None,
                 )
                 if first:
                     msg.route.CopyFrom(route_trace(route, versions))
@@ -299,50 +296,45 @@ class RouterCore:
             parts: list[dict] = [{"text": [], "ids": [], "lps": [], "last": None} for _ in requests]
             versions: dict[str, int] = {}
             async for i, event in self._merged(requests, pinned):
-                if event["kind"] == "error":
-                    raise ServingError.from_event(event)
+                if isinstance(event, ErrorEvent):
+                    raise event.to_error()
                 p = parts[i]
-                p["text"].append(event["text"])
-                p["ids"].extend(event["token_ids"])
-                p["lps"].extend(event["logprobs"] or [])
-                if event["expert"] is not None:
-                    versions[event["expert"][0]] = event["expert"][1]
-                if event["finish_reason"]:
+                p["text"].append(event.text)
+                p["ids"].extend(event.token_ids)
+                p["lps"].extend(event.logprobs or [])
+                if event.expert is not None:
+                    versions[event.expert.name] = event.expert.version
+                if event.finish_reason:
                     p["last"] = event
         first, last = parts[0], parts[0]["last"]
         response = pb.GenerateResponse(
             request_id=requests[0].request_id if len(requests) == 1 else requests[0].request_id.rsplit("/", 1)[0],
-            text="".join(first["text"]), token_ids=first["ids"], finish_reason=last["finish_reason"],
-            usage=usage(last["usage"]), timings=_timings(last["timings"], start), logprobs=first["lps"],
+            text="".join(first["text"]), token_ids=first["ids"], finish_reason=last.finish_reason,
+            usage=usage(last.usage), timings=_timings(last.timings, start), logprobs=first["lps"],
             route=route_trace(route, versions),
         )
         if route.fans_out:
             for (name, _), p in zip(route.experts, parts):
                 response.fanout.append(pb.FanoutResult(
                     expert=pb.ExpertRef(name=name, version=versions.get(name, 0)), text="".join(p["text"]),
-                    token_ids=p["ids"], finish_reason=p["last"]["finish_reason"], usage=usage(p["last"]["usage"])))
+                    token_ids=p["ids"], finish_reason=p["last"].finish_reason, usage=usage(p["last"].usage)))
         return response
 
 
-def _timings(t: list[float | None], router_start: float) -> pb.Timings:
+def _timings(t: Timings, router_start: float) -> pb.Timings:
     # The replica measured from its own submission; TTFT is reported from the router's start.
-    queue_s, ttft_s, total_s = t
-    offset = max(0.0, (time.monotonic() - router_start) - total_s)
-    return pb.Timings(queue_ms=queue_s * 1e3, ttft_ms=((ttft_s or total_s) + offset) * 1e3,
-                      total_ms=(total_s + offset) * 1e3)
+    offset = max(0.0, (time.monotonic() - router_start) - t.total_s)
+    return pb.Timings(queue_ms=t.queue_s * 1e3, ttft_ms=((t.ttft_s or t.total_s) + offset) * 1e3,
+                      total_ms=(t.total_s + offset) * 1e3)
 
 
-def status_of(error: BaseException) -> ServingError:
-    """Any exception as the ServingError a caller should see (unknown ones are INTERNAL)."""
+def status_of(error: BaseException) -> CCoEError:
+    """What a caller should see for any exception: a CCoEError as it is (its `code`,
+    `retryable` and message), anything else as INTERNAL naming the type, e.g.
+    status_of(KeyError("x")) -> ServingError("INTERNAL", "internal error: KeyError: 'x'")."""
     cause = getattr(error, "cause", None)  # Ray's RayTaskError wraps what a deployment raised
     if isinstance(cause, BaseException) and cause is not error:
         return status_of(cause)
-    if isinstance(error, RegistryError):
-        return ServingError(error.code, str(error), error.retryable)
-    if isinstance(error, ExpertError):
-        return ServingError("INVALID_ARGUMENT", str(error))
-    if isinstance(error, EngineError):
-        return ServingError.from_engine(error)
-    if isinstance(error, RuleTableError):
-        return ServingError("INVALID_ARGUMENT", str(error))
+    if isinstance(error, CCoEError):
+        return error
     return ServingError("INTERNAL", f"internal error: {type(error).__name__}: {error}")

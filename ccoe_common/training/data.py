@@ -27,14 +27,17 @@ import torch
 from torch import Tensor
 
 from ccoe_common.engine.templates import TemplateError, render_alpaca, render_chat
+from ccoe_common.errors import CCoEError
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
 
 RecordFormat = Literal["alpaca", "chat"]
 
 
-class DataError(ValueError):
+class DataError(CCoEError, ValueError):
     """The data cannot be used as given (too many bad lines, empty file, ...)."""
+
+    code = "INVALID_ARGUMENT"
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ import time
 import pytest
 import redis
 
+from ccoe_common.errors import ExpertNotFound
 from ccoe_common.registry.redis_server import RedisServer
-from ccoe_common.registry.store import RegistryStore, RevisionConflict, StaleVersion, UnknownExpert
+from ccoe_common.registry.store import RegistryStore, RevisionConflict, StaleVersion
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +88,9 @@ def test_retire_drops_desired_atomically(store):
     rec = store.expert("med")
     assert [v.state for v in rec.versions] == ["active", "retired"] and rec.desired is None
     assert "med" not in store.desired_state().experts
-    with pytest.raises(UnknownExpert, match="no version 7"):
+    with pytest.raises(ExpertNotFound, match="no version 7"):
         store.retire("med", [7], expected_rev=3, who="ops")
-    with pytest.raises(UnknownExpert):
+    with pytest.raises(ExpertNotFound):
         store.expert("ghost")
 
 

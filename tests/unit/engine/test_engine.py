@@ -11,9 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ccoe_common.engine.engine import Engine, EngineConfig
-from ccoe_common.engine.errors import Cancelled, DeadlineExceeded, ExpertUnavailable, InvalidRequest, Overloaded
+from ccoe_common.engine.errors import Cancelled, DeadlineExceeded, Overloaded
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.engine.templates import render_alpaca, render_chat
+from ccoe_common.errors import ExpertNotFound, ExpertNotReady, InvalidRequest
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model import CCoEModel, Placement
 from ccoe_common.model import backbone as backbone_module
@@ -148,8 +149,8 @@ def test_a_staged_version_serves_only_its_smoke_test_until_admitted(model, engin
 
     by_name = engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math", sampling=greedy(4)), timeout=60)
     assert by_name.expert == ExpertKey("math", 1)  # the newest *admitted* version
-    with pytest.raises(ExpertUnavailable, match=r"math@2 is still being smoke-tested here \(staged\); retry in a few "
-                                                r"seconds; live versions: \[1\]") as refused:
+    with pytest.raises(ExpertNotReady, match=r"math@2 is still being smoke-tested here \(staged\); retry in a few "
+                                             r"seconds; live versions: \[1\]") as refused:
         engine.submit(GenerationRequest(prompt_ids=prompt, expert="math@2", sampling=greedy(2)), lambda ev: None)
     assert (refused.value.code, refused.value.retryable) == ("UNAVAILABLE", True)  # transient, unlike a missing version
     trial = engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math@2", sampling=greedy(8),
@@ -160,7 +161,7 @@ def test_a_staged_version_serves_only_its_smoke_test_until_admitted(model, engin
     assert engine.stats().staged == []
     after = engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math", sampling=greedy(4)), timeout=60)
     assert after.expert == ExpertKey("math", 2)
-    with pytest.raises(ExpertUnavailable, match=r"math@2 is not staged here \(already admitted\)"):
+    with pytest.raises(ExpertNotFound, match=r"math@2 is not staged here \(already admitted\)"):
         engine.admit(ExpertKey("math", 2))
 
 
@@ -170,7 +171,7 @@ def test_a_staged_version_that_is_popped_is_freed(model, engine):
     assert engine.pop("math", 2, wait=10) == [ExpertKey("math", 2)]
     assert ExpertKey("math", 2) not in model.resident()
     assert engine.stats().staged == [] and engine.stats().draining == []
-    with pytest.raises(ExpertUnavailable, match=r"math@2 is not staged here \(not resident\)"):
+    with pytest.raises(ExpertNotFound, match=r"math@2 is not staged here \(not resident\)"):
         engine.admit(ExpertKey("math", 2))
 
 
@@ -190,9 +191,9 @@ def test_pop_drains_then_frees(model, engine):
     engine.submit(GenerationRequest(prompt_ids=prompt, expert="sql", sampling=greedy(50)), sink)
     assert started.wait(30)
     assert engine.pop("sql") == [ExpertKey("sql", 1)]
-    with pytest.raises(ExpertUnavailable, match="sql@1 is being removed"):
+    with pytest.raises(ExpertNotFound, match="sql@1 is being removed"):
         engine.submit(GenerationRequest(prompt_ids=prompt, expert="sql@1", sampling=greedy(2)), lambda ev: None)
-    with pytest.raises(ExpertUnavailable, match="expert sql is not served here"):
+    with pytest.raises(ExpertNotFound, match="expert sql is not served here"):
         engine.submit(GenerationRequest(prompt_ids=prompt, expert="sql", sampling=greedy(2)), lambda ev: None)
     assert done.wait(60)
     assert [t for ev in events for t in ev.token_ids] == expected  # finished normally, on the draining version
@@ -317,7 +318,7 @@ def test_invalid_requests_name_the_field(engine, request_kwargs, param, fragment
 
 
 def test_unknown_expert_is_not_found(engine):
-    with pytest.raises(ExpertUnavailable, match=r"expert medical is not served here; resident experts: \['law@1', "):
+    with pytest.raises(ExpertNotFound, match=r"expert medical is not served here; resident experts: \['law@1', "):
         engine.submit(GenerationRequest(prompt="x", expert="medical"), lambda ev: None)
 
 

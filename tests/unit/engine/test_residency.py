@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from ccoe_common.engine.errors import ExpertNotReady, ExpertUnavailable
+from ccoe_common.errors import ExpertNotFound, ExpertNotReady
 from ccoe_common.engine.residency import ExpertResidency
-from ccoe_common.experts.errors import ExpertNotResident, ExpertVersionExists
+from ccoe_common.experts.errors import ExpertVersionExists
 from ccoe_common.experts.reference import ExpertKey
 
 MATH1, MATH2, MATH3, SQL1 = ExpertKey("math", 1), ExpertKey("math", 2), ExpertKey("math", 3), ExpertKey("sql", 1)
@@ -41,7 +41,7 @@ class FakeStore:
 
     def get(self, selector: ExpertKey) -> Weights:
         if selector not in self.keys:
-            raise ExpertNotResident(f"expert {selector.name!r} has no resident version {selector.version}")
+            raise ExpertNotFound(f"expert {selector.name!r} has no resident version {selector.version}")
         return Weights(selector)
 
     def resident(self) -> list[ExpertKey]:
@@ -65,11 +65,11 @@ def test_a_name_pins_the_newest_admitted_version_and_keeps_it_across_a_push():
 
 def test_an_unknown_expert_or_version_is_not_found_naming_what_is_served():
     residency = ExpertResidency(FakeStore(MATH1, SQL1))
-    with pytest.raises(ExpertUnavailable, match=r"expert medical is not served here; resident experts: "
+    with pytest.raises(ExpertNotFound, match=r"expert medical is not served here; resident experts: "
                                                 r"\['math@1', 'sql@1'\]") as err:
         residency.acquire("medical")
     assert (err.value.code, err.value.retryable) == ("NOT_FOUND", False)
-    with pytest.raises(ExpertUnavailable, match="expert math@4 is not served here"):
+    with pytest.raises(ExpertNotFound, match="expert math@4 is not served here"):
         residency.acquire(ExpertKey("math", 4))
 
 
@@ -86,16 +86,16 @@ def test_a_staged_version_is_refused_unless_the_request_allows_it():
     assert residency.acquire("math@2", allow_staged=True) == MATH2
     residency.admit(MATH2)
     assert residency.staged() == [] and residency.acquire("math") == MATH2
-    with pytest.raises(ExpertUnavailable, match=r"math@2 is not staged here \(already admitted\)"):
+    with pytest.raises(ExpertNotFound, match=r"math@2 is not staged here \(already admitted\)"):
         residency.admit(MATH2)
-    with pytest.raises(ExpertUnavailable, match=r"math@3 is not staged here \(not resident\)"):
+    with pytest.raises(ExpertNotFound, match=r"math@3 is not staged here \(not resident\)"):
         residency.admit(MATH3)
 
 
 def test_the_only_version_staged_leaves_a_name_with_nothing_to_pin():
     residency = ExpertResidency(FakeStore())
     residency.push(Weights(MATH1), staged=True)
-    with pytest.raises(ExpertUnavailable, match=r"expert math is not served here; resident experts: none"):
+    with pytest.raises(ExpertNotFound, match=r"expert math is not served here; resident experts: none"):
         residency.acquire("math")
 
 
@@ -105,12 +105,12 @@ def test_draining_refuses_new_pins_but_keeps_accepted_ones_until_the_last_releas
     held = [residency.acquire("math@1"), residency.acquire("math@1")]
     assert residency.drain(residency.retirable("math", 1)) == [MATH1]
     assert residency.draining() == [MATH1]
-    with pytest.raises(ExpertUnavailable, match=r"math@1 is being removed \(draining\); live versions: \[2\]"):
+    with pytest.raises(ExpertNotFound, match=r"math@1 is being removed \(draining\); live versions: \[2\]"):
         residency.acquire("math@1")
     assert residency.acquire("math") == MATH2, "a name skips the draining version"
-    with pytest.raises(ExpertUnavailable, match="no resident, non-draining version of expert 'math'"):
+    with pytest.raises(ExpertNotFound, match="no resident, non-draining version of expert 'math'"):
         residency.retirable("math", 1)
-    with pytest.raises(ExpertUnavailable, match="still draining after a pop"):
+    with pytest.raises(ExpertNotFound, match="still draining after a pop"):
         residency.push(Weights(MATH1))
 
     residency.release(held[0])
@@ -129,11 +129,11 @@ def test_an_idle_version_is_freed_at_once_and_a_staged_one_too():
     assert residency.drain(residency.retirable("sql")) == [SQL1]
     assert store.popped == [MATH2, SQL1]
     assert residency.staged() == [] and residency.draining() == []
-    with pytest.raises(ExpertUnavailable, match="no resident, non-draining version of expert 'nope'"):
+    with pytest.raises(ExpertNotFound, match="no resident, non-draining version of expert 'nope'"):
         residency.retirable("nope")
-    with pytest.raises(ExpertUnavailable, match="has no resident version 4") as err:
+    with pytest.raises(ExpertNotFound, match="has no resident version 4") as err:
         residency.retirable("math", 4)
-    assert isinstance(err.value.__cause__, ExpertNotResident)
+    assert err.value.code == "NOT_FOUND"  # the store's own error, passed through unchanged
 
 
 def test_a_version_not_in_use_is_never_freed_unless_drained():
@@ -170,7 +170,7 @@ def test_concurrent_pins_and_releases_free_once_and_never_under_a_holder():
         for _ in range(rounds):
             try:
                 key = residency.acquire("math@1")
-            except ExpertUnavailable:  # drained meanwhile: what a new request sees
+            except ExpertNotFound:  # drained meanwhile: what a new request sees
                 key = residency.acquire("math")
             if key not in store.keys:
                 problems.append(f"pinned {key}, which is already freed")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccoe_common.engine.errors import InvalidRequest
 from ccoe_common.engine.params import SamplingParams
 from ccoe_common.engine.sampler import RowSampling, make_generator, sample
+from ccoe_common.errors import InvalidRequest
 
 
 def row(**kw) -> RowSampling:

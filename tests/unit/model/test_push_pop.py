@@ -8,7 +8,8 @@ import weakref
 import pytest
 import torch
 
-from ccoe_common.experts.errors import ExpertNotResident, ExpertVersionExists
+from ccoe_common.errors import ExpertNotFound
+from ccoe_common.experts.errors import ExpertVersionExists
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model import CCoEModel, Placement
 from tests.helpers import nudge
@@ -69,12 +70,12 @@ def test_push_of_resident_version_is_refused(model):
 
 
 def test_unknown_expert_and_version_errors(model):
-    with pytest.raises(ExpertNotResident, match="no resident expert named 'nope'"):
+    with pytest.raises(ExpertNotFound, match="no resident expert named 'nope'"):
         model.forward(_ids(), model.resolve(["nope", None]))
     model.push(model.carve("law", placement=Placement(num_layers=1)))
-    with pytest.raises(ExpertNotResident, match=r"no resident version 3; resident versions: \[1\]"):
+    with pytest.raises(ExpertNotFound, match=r"no resident version 3; resident versions: \[1\]"):
         model.get("law@3")
-    with pytest.raises(ExpertNotResident):
+    with pytest.raises(ExpertNotFound):
         model.pop("nope")
 
 
@@ -83,7 +84,7 @@ def test_forward_takes_resolved_versions_only(model):
     assert model.resolve(["law", None, "law@1"]) == [ExpertKey("law", 1), None, ExpertKey("law", 1)]
     with pytest.raises(TypeError, match=r"got 'law'; resolve names once with model.resolve"):
         model.forward(_ids(), ["law", None])
-    with pytest.raises(ExpertNotResident, match=r"expert law@2 is not resident; resident: \['law@1'\]"):
+    with pytest.raises(ExpertNotFound, match=r"expert law@2 is not resident; resident: \['law@1'\]"):
         model.forward(_ids(), [ExpertKey("law", 2), None])
 
 

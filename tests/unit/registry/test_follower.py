@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from ccoe_common.engine.engine import Engine, EngineConfig
-from ccoe_common.engine.errors import ExpertUnavailable
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
+from ccoe_common.errors import ExpertNotReady
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model import CCoEModel, Placement
 from ccoe_common.pb import registry_pb2 as pb
@@ -67,7 +67,7 @@ async def follow(engine: Engine, load: dict[ExpertKey, str]) -> tuple[ReplicaFol
         try:
             await engine.complete(GenerationRequest(prompt="1+1=", expert=key, sampling=SamplingParams.create(
                 max_new_tokens=1)))
-        except ExpertUnavailable as e:
+        except ExpertNotReady as e:
             refusals.append(str(e))
         await real_smoke_test(key)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ccoe_common.engine.errors import InvalidRequest
-from ccoe_common.routing.resolve import RouteQuery, Unimplemented, decide
+from ccoe_common.errors import InvalidRequest, Unimplemented
+from ccoe_common.routing.resolve import RouteQuery, decide
 from ccoe_common.routing.rules import RuleTable, RuleTableError
 
 TABLE = """
