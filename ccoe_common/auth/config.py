@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ccoe_common.auth.ratelimit import RateLimit
+
 
 class AuthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -27,6 +29,9 @@ class AuthConfig(BaseModel):
         None, description="File holding the credential of the app's own routers and replicas (role replica); "
                           "default: the app mints one when it is built. On Kubernetes a file mounted from a "
                           "Secret, so that every pod of the release shares it.")
+    rate_limit: RateLimit | None = Field(
+        None, description="Token bucket per principal, e.g. {requests_per_s: 20, burst: 40}; none = unlimited. "
+                          "Each router process keeps its own buckets.")
 
     @field_validator("tokens_file", "replica_token_file")
     @classmethod
