@@ -15,9 +15,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
+from typing import Any
 
-from ccoe_common.auth.config import AuthConfig
+from ccoe_common.auth.config import NO_AUTH_SECTION, AuthConfig
 from ccoe_common.auth.errors import PermissionDenied, Unauthenticated
 from ccoe_common.auth.ratelimit import RateLimiter
 from ccoe_common.auth.tokens import ROLES, Principal, TokenTable
@@ -63,10 +64,14 @@ class Guard:
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit is not None else None
         self._lock = threading.Lock()
         self._table: TokenTable | None = None
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: tuple[tuple[float, int], ...] | None = None
         self._next_check = 0.0
         self._replica_token: str | None = None
+        self._files = [f for f in (config.tokens_file, config.session_tokens_file) if f]
         if config.mode == "token":
+            if not self._files:
+                raise ValueError("auth.mode token needs auth.tokens_file, a YAML list of {name, sha256, roles}; "
+                                 "mint tokens with `ccoe auth token` (only the local stack mints its own)")
             self._reload(force=True)  # a broken tokens file stops the app at start, not at the first call
             if config.replica_token_file:
                 with open(config.replica_token_file, encoding="utf-8") as f:
@@ -75,8 +80,7 @@ class Guard:
     @classmethod
     def from_config(cls, config: AuthConfig | None) -> Guard:
         if config is None:
-            raise ValueError("the app config has no auth section: choose `auth: {mode: token, tokens_file: PATH}` "
-                             "or, explicitly, `auth: {mode: none}` (see docs/security.md)")
+            raise ValueError(NO_AUTH_SECTION)
         return cls(config)
 
     @property
@@ -88,23 +92,24 @@ class Guard:
         if not force and now < self._next_check:
             return
         self._next_check = now + RELOAD_CHECK_S
-        path = self.config.tokens_file
-        assert path is not None  # AuthConfig requires it in token mode
-        st = os.stat(path)
-        stamp = (st.st_mtime, st.st_size)
+        stamps = []
+        for path in self._files:
+            st = os.stat(path)
+            stamps.append((st.st_mtime, st.st_size))
+        stamp = tuple(stamps)
         if stamp == self._stamp and not force:
             return
         try:
-            table = TokenTable.from_file(path)
+            table = TokenTable([e for path in self._files for e in TokenTable.from_file(path).entries])
         except Exception:
             if self._table is None:
                 raise
-            log.error("tokens file %s changed but was refused; keeping the %d principals in force",
-                      path, len(self._table.entries), exc_info=True)
+            log.error("tokens file(s) %s changed but were refused; keeping the %d principals in force",
+                      ", ".join(self._files), len(self._table.entries), exc_info=True)
             self._stamp = stamp
             return
         self._table, self._stamp = table, stamp
-        log.info("tokens file %s: %d principals", path, len(table.entries))
+        log.info("tokens file(s) %s: %d principals", ", ".join(self._files), len(table.entries))
 
     def authenticate(self, metadata: Mapping[str, str]) -> Principal:
         if not self.enabled:
@@ -117,7 +122,7 @@ class Guard:
             try:
                 self._reload()
             except OSError as e:
-                log.error("tokens file %s unreadable (%s); keeping the principals in force", self.config.tokens_file, e)
+                log.error("tokens file unreadable (%s); keeping the principals in force", e)
             table = self._table
         principal = table.lookup(token) if table is not None else None
         if principal is None and self._replica_token is not None and hmac.compare_digest(
@@ -140,6 +145,22 @@ class Guard:
         if self.limiter is not None and self.enabled and role != "replica":
             self.limiter.take(principal.name)
         return principal
+
+    def bind_tenant(self, principal: Principal, request_metadata: MutableMapping[str, str]) -> None:
+        """Stamp the tenant the credential vouches for into a request's metadata map (what rules see)."""
+        tenant = self.tenant_for(principal, request_metadata.get("tenant"))
+        if tenant is not None:
+            request_metadata["tenant"] = tenant
+
+    def stamp_who(self, principal: Principal, request: Any) -> None:
+        """The audit log's `who` is the authenticated principal, whatever the request claims. With
+        auth off nobody is authenticated, and the log says so next to the claim."""
+        if "who" not in request.DESCRIPTOR.fields_by_name:
+            return
+        if self.enabled:
+            request.who = principal.name
+        else:
+            request.who = f"unauthenticated ({request.who[:64]})" if request.who else "unauthenticated"
 
     @staticmethod
     def tenant_for(principal: Principal, requested: str | None) -> str | None:

@@ -81,7 +81,7 @@ def test_every_method_of_both_services_has_a_role():
 def test_mode_none_lets_everyone_in_and_a_missing_section_is_refused():
     guard = Guard(AuthConfig(mode="none"))
     assert guard.check(PUSH, {}).name == "anonymous"
-    with pytest.raises(ValueError, match="choose `auth: {mode: token"):
+    with pytest.raises(ValueError, match="no auth section: choose `auth: {mode: token"):
         Guard.from_config(None)
 
 
