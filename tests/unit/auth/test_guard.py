@@ -170,3 +170,37 @@ def test_rate_limit_applies_to_callers_not_to_the_replica_role(tokens):
 def test_bearer_parsing():
     assert bearer_token({}) is None
     assert bearer_token({"authorization": "bearer  abc "}) == "abc"
+
+
+def test_session_tokens_add_to_the_configured_ones_and_token_mode_needs_a_file(tokens, tmp_path):
+    session = tmp_path / "session.yaml"
+    write_tokens(session, [("local-admin", "tok-session", ["admin"], [])])
+    guard = Guard(AuthConfig(mode="token", tokens_file=str(tokens), session_tokens_file=str(session)))
+    assert guard.check(PUSH, auth("tok-session")).name == "local-admin"
+    assert guard.check(PUSH, auth("tok-admin")).name == "ops"
+    with pytest.raises(ValueError, match="auth.mode token needs auth.tokens_file"):
+        Guard(AuthConfig(mode="token"))
+
+
+def test_the_app_and_the_local_stack_refuse_a_config_without_auth():
+    from ccoe_common.serving.config import AppConfig, ConfigError
+    from ccoe_common.serving.local_stack import LocalStack
+    from services.app import build_app
+
+    with pytest.raises(ConfigError, match="no auth section"):
+        build_app({"backbone": "/nonexistent"})
+    with pytest.raises(ConfigError, match="no auth section"):
+        LocalStack(AppConfig.load({"backbone": "/nonexistent"})).start()  # refused before Redis or Ray start
+
+
+def test_the_audit_identity_is_the_principal_whatever_the_request_claims(tokens):
+    from ccoe_common.pb import registry_pb2 as rpb
+
+    guard = Guard(AuthConfig(mode="token", tokens_file=str(tokens)))
+    request = rpb.PushExpertRequest(uri="/x", who="root")
+    guard.stamp_who(guard.check(PUSH, auth("tok-admin")), request)
+    assert request.who == "ops"
+    open_guard = Guard(AuthConfig(mode="none"))
+    request = rpb.PushExpertRequest(uri="/x", who="root")
+    open_guard.stamp_who(open_guard.check(PUSH, {}), request)
+    assert request.who == "unauthenticated (root)"
