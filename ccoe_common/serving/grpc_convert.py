@@ -8,7 +8,7 @@ from ccoe_common.engine.params import GenerationRequest, SamplingParams, Usage
 from ccoe_common.errors import InvalidRequest
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.routing.resolve import Route, RouteQuery
-from ccoe_common.serving.grpc_servicers import DECODE_ERROR_KEY
+from ccoe_common.serving.grpc_servicers import Undecodable
 from ccoe_common.serving.config import RouterConfig
 
 _TEMPLATES = {pb.RAW: "raw", pb.ALPACA: "alpaca", pb.CHAT: "chat"}
@@ -19,8 +19,8 @@ DEFAULT_MAX_TOKENS = 64
 
 def parse_request(req: pb.GenerateRequest, limits: RouterConfig) -> tuple[RouteQuery, GenerationRequest]:
     """The routing query and a base engine request (expert filled in per route later)."""
-    if DECODE_ERROR_KEY in req.metadata:
-        raise InvalidRequest("request", f"is not a valid ccoe.v1.GenerateRequest: {req.metadata[DECODE_ERROR_KEY]}")
+    if isinstance(req, Undecodable):  # answered at the gRPC edge already; kept for any other way in
+        raise InvalidRequest("request", req.reason)
     which = req.WhichOneof("input")
     if which is None:
         raise InvalidRequest("prompt", "give prompt or messages")
