@@ -333,7 +333,7 @@ def load_table_text(text: str, max_depth: int) -> Any:
                                              "a table needs 5: table, rules, rule, match, list")
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
-        data = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader (CSafeLoader or SafeLoader)
+        data = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader: CSafeLoader or SafeLoader
     except yaml.YAMLError as e:
         raise RuleTableError("", f"not valid YAML/JSON: {_short_yaml_error(e)}") from e
     _check_plain(data, "table")
