@@ -261,15 +261,6 @@ def test_undecodable_bytes_are_invalid_argument_on_every_method(kind):
     assert [t for _, t in recorder.seen] == ["Undecodable"]
 
 
-def test_a_client_cannot_forge_a_decode_error_through_metadata():
-    from ccoe_common.serving.config import RouterConfig
-    from ccoe_common.serving.grpc_convert import parse_request
-
-    query, _ = parse_request(inference_pb2.GenerateRequest(prompt="hi", metadata={"__ccoe_decode_error__": "x"}),
-                             RouterConfig())
-    assert query.metadata == {"__ccoe_decode_error__": "x"}
-
-
 def test_valid_requests_reach_the_handlers_of_both_servers():
     async def main(kind: str) -> list[tuple[str, str]]:
         recorder = Recorder()
