@@ -17,7 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ccoe_common.engine.params import MIN_TEMPERATURE, SamplingParams
-from ccoe_common.engine.sampler import NonFiniteLogits, RowSampling, _penalize, make_generator, sample
+from ccoe_common.engine.sampler import (
+    NonFiniteLogits,
+    RowSampling,
+    _penalize,
+    make_generator,
+    sample,
+)
 
 CPU = torch.device("cpu")
 FP32_MAX = torch.finfo(torch.float32).max
