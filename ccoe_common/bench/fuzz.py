@@ -32,6 +32,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 
+from ccoe_common.auth.client import authorized_channel
 from ccoe_common.console import add_json_flag, format_table, print_json, stdout_to_stderr
 from ccoe_common.pb import inference_pb2, registry_pb2
 
@@ -350,10 +351,12 @@ def _still_serving(channel: grpc.Channel) -> bool:
 
 
 def fuzz(address: str, cases: int, seed: int, options: Options, timeout_s: float = CALL_TIMEOUT_S,
-         progress: Any = None) -> tuple[Report, bool]:
+         progress: Any = None, token: str | None = None) -> tuple[Report, bool]:
+    """`token` is sent with every call: one holding every role reaches the validation behind the
+    guard, which is what a fuzzer wants to exercise."""
     draw = RandomDraw(seed)
     report = Report()
-    with grpc.insecure_channel(address) as channel:
+    with authorized_channel(address, token) as channel:
         for i in range(cases):
             case = make_case(draw.choice(METHODS), draw, options)
             report.add(case, call(channel, case, timeout_s))
@@ -363,6 +366,8 @@ def fuzz(address: str, cases: int, seed: int, options: Options, timeout_s: float
 
 
 def run(args: argparse.Namespace) -> int:
+    from ccoe_common.auth.config import AuthConfig
+    from ccoe_common.auth.tokens import TokenEntry, mint_token, token_hash
     from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
     from ccoe_common.ports import free_port
     from ccoe_common.serving.config import AppConfig
@@ -378,10 +383,15 @@ def run(args: argparse.Namespace) -> int:
             "replica": {"engine": {"max_seq_len": 128, "max_running": 4, "max_waiting": 16}},
             "registry": {"allowed_sources": [str(work / "experts")]},
         })
+        token = mint_token()
+        tokens = work / "tokens.yaml"
+        tokens.write_text(TokenEntry(name="fuzzer", sha256=token_hash(token),
+                                     roles=("inference", "admin", "replica")).line() + "\n")
+        config = config.model_copy(update={"auth": AuthConfig(mode="token", tokens_file=str(tokens))})
         options = Options(hints={"uri": (uris["law"], f"file://{uris['law']}")})
         with LocalStack(config, grpc_port=free_port()) as stack:
             print(f"stack up at {stack.address}; sending {args.cases} requests (seed {args.seed})", flush=True)
-            report, serving = fuzz(stack.address, args.cases, args.seed, options, args.timeout_s)
+            report, serving = fuzz(stack.address, args.cases, args.seed, options, args.timeout_s, token=token)
     totals = report.totals()
     result = {"cases": args.cases, "seed": args.seed, "seconds": round(time.monotonic() - started, 1),
               "totals": dict(totals), "histogram": {m: dict(c) for m, c in sorted(report.histogram.items())},
