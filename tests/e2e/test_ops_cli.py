@@ -54,7 +54,10 @@ def stack(tmp_path_factory):
         "backbone": str(demo_backbone(work)),
         "experts": [uris["math"], uris["sql"]],
         "replica": {"num_replicas": 2},
-        "registry": {"artifact_store": str(work / "store")},
+        # Versions are pushed from, and exported to, each test's tmp_path.
+        "registry": {"artifact_store": str(work / "store"),
+                     "allowed_sources": [str(tmp_path_factory.getbasetemp())],
+                     "allowed_export_prefixes": [str(tmp_path_factory.getbasetemp())]},
     })
     with LocalStack(config, grpc_port=free_port()) as st:
         st.law_uri = uris["law"]

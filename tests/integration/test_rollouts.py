@@ -50,7 +50,8 @@ def stack(work, redis_server):
         "experts": [uris["math"]],
         "redis_url": redis_server.url,
         "replica": {"num_replicas": 2, "engine": {"max_seq_len": 256, "max_running": 4, "max_waiting": 32}},
-        "registry": {"artifact_store": str(work / "store"), "heartbeat_ttl_s": TTL_S},
+        "registry": {"artifact_store": str(work / "store"), "heartbeat_ttl_s": TTL_S,
+                     "allowed_sources": [str(work)]},
     })
     with LocalStack(config, grpc_port=free_port()) as st:
         yield st

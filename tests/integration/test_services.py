@@ -55,6 +55,7 @@ def stack(tmp_path_factory):
         "experts": [uris["math"], uris["sql"]],
         "rules": str(rules),
         "router": {"rules_check_interval_s": 0.2},
+        "registry": {"allowed_sources": [str(work)], "allowed_export_prefixes": [str(work)]},
         "replica": {"engine": {"max_seq_len": 1024, "max_running": 2, "max_waiting": 1, "max_batched_tokens": 64,
                                "retry_after_s": 0.5}},
     })
