@@ -215,12 +215,24 @@ def mutate(descriptor: Descriptor, draw: Draw, options: Options = Options()) -> 
     """A valid request with zero to two fields replaced by generated values."""
     msg = message_factory.GetMessageClass(descriptor)()
     msg.CopyFrom(draw.choice(_valid(descriptor, options)))
-    if descriptor.fields:
-        for _ in range(draw.integer(0, 2)):
-            f = draw.choice(descriptor.fields)
-            msg.ClearField(f.name)
-            _set_field(msg, f, draw, options, 1)
+    for _ in range(draw.integer(0, 2)):
+        _replace_one(msg, draw, options)
     return msg
+
+
+def _replace_one(msg: Message, draw: Draw, options: Options) -> None:
+    """One field replaced; inside a nested message (sampling, say) often one field of it, so
+    that a single bad value reaches the code behind the checks the other fields pass."""
+    fields = msg.DESCRIPTOR.fields
+    if not fields:
+        return
+    f = draw.choice(fields)
+    nested = f.message_type is not None and not f.is_repeated
+    if nested and draw.integer(0, 1):
+        _replace_one(getattr(msg, f.name), draw, options)
+        return
+    msg.ClearField(f.name)
+    _set_field(msg, f, draw, options, 1)
 
 
 def raw_bytes(descriptor: Descriptor, draw: Draw, options: Options = Options()) -> bytes:
@@ -368,7 +380,7 @@ def fuzz(address: str, cases: int, seed: int, options: Options, timeout_s: float
 def run(args: argparse.Namespace) -> int:
     from ccoe_common.auth.config import AuthConfig
     from ccoe_common.auth.tokens import TokenEntry, mint_token, token_hash
-    from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
+    from ccoe_common.model.demo_assets import demo_backbone, demo_experts
     from ccoe_common.ports import free_port
     from ccoe_common.serving.config import AppConfig
     from ccoe_common.serving.local_stack import LocalStack

@@ -51,7 +51,7 @@ from ccoe_common.registry.errors import (
 from ccoe_common.registry.sources import LocationPolicy
 from ccoe_common.registry.store import DesiredState, RegistryStore
 from ccoe_common.routing.rules import RuleTable, RuleTableError, load_table_text
-from ccoe_common.serving.grpc_servicers import Undecodable
+from ccoe_common.pb.lenient import Undecodable
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 

@@ -10,7 +10,7 @@ from ccoe_common.errors import InvalidRequest, quote
 from ccoe_common.experts.reference import NAME_RE
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.routing.resolve import Route, RouteQuery
-from ccoe_common.serving.grpc_servicers import Undecodable
+from ccoe_common.pb.lenient import Undecodable
 from ccoe_common.serving.config import RouterConfig
 
 _TEMPLATES = {pb.RAW: "raw", pb.ALPACA: "alpaca", pb.CHAT: "chat"}

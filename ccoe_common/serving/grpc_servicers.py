@@ -27,14 +27,13 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from dataclasses import dataclass
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message import DecodeError, Message
 
 from ccoe_common.pb import inference_pb2, registry_pb2
+from ccoe_common.pb.lenient import Undecodable, lenient
 
 SERVICE = "ccoe.v1.Inference"
 REGISTRY_SERVICE = "ccoe.v1.Registry"
@@ -46,30 +45,6 @@ GRPC_SERVICERS = (
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
 _END = object()
-
-
-@dataclass(frozen=True)
-class Undecodable:
-    """Request bytes that are not a valid `message` (e.g. "ccoe.v1.GenerateRequest"). `reason`
-    is what the caller is told, e.g. "is not a valid ccoe.v1.GenerateRequest: Error parsing
-    message with type 'ccoe.v1.GenerateRequest': String field had bad UTF-8"."""
-
-    message: str
-    reason: str
-
-
-def lenient(message_class: type[Message]) -> Callable[[bytes], Message | Undecodable]:
-    """A request deserializer that never raises: undecodable bytes become an Undecodable."""
-    name = message_class.DESCRIPTOR.full_name
-
-    def deserialize(data: bytes) -> Message | Undecodable:
-        try:
-            return message_class.FromString(data)
-        except DecodeError as e:
-            return Undecodable(name, f"is not a valid {name}: {e}; send the message the .proto defines, "
-                                     "with UTF-8 text in string fields")
-
-    return deserialize
 
 
 def _refusal(request: Undecodable) -> str:

@@ -19,7 +19,7 @@ from ccoe_common.registry.artifact_store import ArtifactConflict, ArtifactStore
 from ccoe_common.registry.config import RegistryConfig
 from ccoe_common.registry.errors import BadRequest, LimitExceeded, UploadAbandoned
 from ccoe_common.registry.service import receive_upload
-from ccoe_common.serving.grpc_servicers import Undecodable
+from ccoe_common.pb.lenient import Undecodable
 from tests.unit.registry.test_artifact_store import make_artifact, uploads_left
 
 

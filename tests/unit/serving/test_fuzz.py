@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ccoe_common.bench.fuzz import BAD, HANG, METHODS, Case, Options, call, fuzz, make_case, raw_bytes
-from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import registry_pb2 as rpb
 from ccoe_common.ports import free_port
