@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import shutil
 import threading
 import time
@@ -301,6 +302,8 @@ def collect(wl: Workload, workdir: Path, step: Callable[[str], None]) -> dict[st
         "backbone": str(assets.backbone), "experts": [assets.uris[0]],
         "replica": {"num_replicas": wl.replicas, "num_cpus": 0, "dtype": "bfloat16", "engine": engine},
         "auth": {"mode": "token"},
+        # The versions are pushed from where prepare() built them.
+        "registry": {"allowed_sources": [os.path.commonpath(assets.uris)]},
     })
     log = Log()
     timings: list[PushTiming] = []

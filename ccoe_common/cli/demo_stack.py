@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         "backbone": zoo["backbone"]["path"], "experts": [uris[d] for d in first], "rules": str(rules_file),
         "replica": {"engine": {"max_seq_len": 512, "max_running": 8, "max_batched_tokens": 256}},
         "auth": {"mode": "token"},
+        "registry": {"allowed_sources": [str(workdir)]},  # the live push comes from the zoo
     })
     report: dict[str, Any] = {"zoo": str(workdir), "quick": args.quick}
     say(f"starting the local stack (Ray, redis-server, Ray Serve gRPC proxy) with experts {', '.join(first)} ...",

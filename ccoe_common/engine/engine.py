@@ -7,7 +7,16 @@
 
 Every step the loop (1) drops cancelled and expired requests, (2) asks the scheduler for a
 plan, (3) runs one forward for all decoding rows and one for the prompt chunks — rows of
-different experts share each forward — (4) samples, detokenises and streams deltas.
+different experts share each forward — (4) samples, (5) commits: advances each sequence past
+the tokens it now has in the KV cache, detokenises and streams deltas.
+
+A request that fails inside a step fails alone (invariant 7). A forward that raises is run
+once more, without the rows whose expert is no longer resident and split by expert, so an
+expert whose modules fail takes only its own rows down; a sampling error (logits that are
+not finite, say) sends the step's rows through the sampler one at a time, each generator
+rewound first, so only the rows that raise again fail. Nothing about a sequence changes
+before step (5), so a step run again writes the same KV positions again and draws the same
+numbers. Every other row gets exactly the token it would get without the failing one.
 
 Experts change without stopping the loop. `push` reads and validates the artifact on the
 caller's thread, then adds the new version atomically; requests name their expert version at
@@ -99,6 +108,8 @@ class EngineStats:
     draining: list[str]
     staged: list[str]  # resident, not yet admitted: only allow_staged requests run on them
     kv_cache_bytes: int
+    step_retries: int = 0  # steps whose forward or sampling failed and ran again, split up
+    failed_in_step: int = 0  # requests that failed alone inside a step (the others carried on)
 
 
 @dataclass(eq=False)
@@ -139,6 +150,8 @@ class Engine:
         self._stopping = False
         self._steps = 0
         self._generated = 0
+        self._step_retries = 0
+        self._failed_in_step = 0
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -330,7 +343,8 @@ class Engine:
                 resident=self.model.memory_report().experts,
                 draining=sorted(map(str, self.residency.draining())),
                 staged=sorted(map(str, self.residency.staged())),
-                kv_cache_bytes=self.cache.nbytes,
+                kv_cache_bytes=self.cache.nbytes, step_retries=self._step_retries,
+                failed_in_step=self._failed_in_step,
             )
 
     def _encode(self, request: GenerationRequest) -> list[int]:
@@ -369,7 +383,7 @@ class Engine:
                     self._retire(seq)
                 plan = self.scheduler.schedule(now)
             for seq, error in doomed:
-                seq.state.sink(error)
+                self._send(seq, error)
             if plan.empty:
                 if busy:
                     # An idle engine holds no OpenMP workers, so other threads' kernels (a
@@ -385,10 +399,11 @@ class Engine:
                 # Let the threads that stream results and take new requests run between steps;
                 # without this they wait out the interpreter's switch interval, step after step.
                 time.sleep(0)
-            except Exception as e:  # a bug or a device error: fail this step's requests, keep serving
+            except Exception as e:  # a bug outside the forward and the sampler: fail what is left, keep serving
                 log.exception("engine step failed")
                 for seq in [*plan.decode, *(c.seq for c in plan.prefill)]:
-                    self._fail(seq, EngineError(f"internal error while generating: {type(e).__name__}: {e}"))
+                    self._fail(seq, EngineError(f"internal error while generating: {type(e).__name__}: {e}"),
+                               scrub=True)
 
     def _reap(self, now: float) -> list[tuple[Sequence, EngineError]]:
         doomed = []
@@ -403,34 +418,125 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, plan: StepPlan) -> None:
+        failed: dict[Sequence, EngineError] = {}  # rows that end in this step, alone
+        try:
+            rows, logits = self._forward(plan.decode, plan.prefill)
+        except Exception as e:
+            log.warning("step %d: the forward failed (%s: %s); running it again by expert", self._steps,
+                        type(e).__name__, e, exc_info=True)
+            self._step_retries += 1
+            rows, logits = self._forward_again(plan, failed)
+        tokens, logprobs = self._sample(rows, logits, failed)
+        self._steps += 1
+        # Commit. Only now does a sequence count this step's tokens as in its KV slot: a
+        # forward that ran again wrote the same positions again, never past them.
+        for seq in plan.decode:
+            if seq not in failed:
+                seq.computed += 1
+        for c in plan.prefill:
+            if c.seq not in failed:
+                c.seq.computed += c.length
+        now = time.monotonic()
+        for seq, token, lp in zip(rows, tokens, logprobs):
+            if seq in failed:
+                continue
+            try:
+                self._advance(seq, token, lp, now)
+            except Exception as e:  # its detokenizer or its sink: this request's own
+                log.exception("request %s failed after its token was chosen", seq.request_id)
+                failed[seq] = EngineError(f"internal error while streaming: {type(e).__name__}: {e}")
+        for seq, error in failed.items():
+            self._failed_in_step += 1
+            self._fail(seq, error, scrub=True)
+
+    def _forward(self, decode: list[Sequence], prefill: list[PrefillChunk]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run the step's forwards -> (rows that sample, in order; their logits [R, V]).
+
+        Changes no sequence: running it again for the same rows writes the same KV positions."""
         device = self.model.backbone.device
         rows: list[Sequence] = []
         logits = []
-        if plan.decode:
-            seqs = plan.decode
-            ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=device)
-            positions = torch.tensor([[s.computed] for s in seqs], device=device)
-            out = self.model.forward(ids, [s.expert for s in seqs], positions=positions, cache=self.cache,
-                                     slots=torch.tensor([s.slot for s in seqs], device=device),
-                                     logits_at=torch.zeros(len(seqs), dtype=torch.long, device=device))
-            for s in seqs:
-                s.computed += 1
-            rows.extend(seqs)
+        if decode:
+            ids = torch.tensor([[s.output_ids[-1]] for s in decode], device=device)
+            positions = torch.tensor([[s.computed] for s in decode], device=device)
+            out = self.model.forward(ids, [s.expert for s in decode], positions=positions, cache=self.cache,
+                                     slots=torch.tensor([s.slot for s in decode], device=device),
+                                     logits_at=torch.zeros(len(decode), dtype=torch.long, device=device))
+            rows.extend(decode)
             logits.append(out)
-        if plan.prefill:
-            out, finishing = self._prefill(plan.prefill)
+        if prefill:
+            out, finishing = self._prefill(prefill)
             if finishing:
                 rows.extend(c.seq for c in finishing)
                 logits.append(out)
-        self._steps += 1
-        if not rows:
-            return
+        if not logits:
+            return rows, None
         # cat copies even a single tensor: [64, 151936] bf16 logits are 19 MB a step.
-        step_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
-        tokens, logprobs = sample(step_logits, [s.state.sampling for s in rows])
-        now = time.monotonic()
-        for seq, token, lp in zip(rows, tokens, logprobs):
-            self._advance(seq, token, lp, now)
+        return rows, logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    def _forward_again(self, plan: StepPlan, failed: dict[Sequence, EngineError]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """The step's forward failed: run it once more without the rows it can blame.
+
+        Rows whose expert is no longer resident fail at once. The rest run again, one forward
+        per expert, so an expert whose modules raise fails only its own rows; a fault of no
+        particular expert (a device error) fails every row only if it happens again.
+        """
+        resident = set(self.model.resident())
+        for seq in [*plan.decode, *(c.seq for c in plan.prefill)]:
+            if seq.expert is not None and seq.expert not in resident:
+                failed[seq] = EngineError(f"expert {seq.expert} of request {seq.request_id} is no longer resident "
+                                          "here; its weights went away while the request ran")
+        by_expert: dict[ExpertKey | None, tuple[list[Sequence], list[PrefillChunk]]] = {}
+        for seq in plan.decode:
+            if seq not in failed:
+                by_expert.setdefault(seq.expert, ([], []))[0].append(seq)
+        for c in plan.prefill:
+            if c.seq not in failed:
+                by_expert.setdefault(c.seq.expert, ([], []))[1].append(c)
+        rows: list[Sequence] = []
+        logits = []
+        for expert, (decode, prefill) in by_expert.items():
+            try:
+                got, out = self._forward(decode, prefill)
+            except Exception as e:
+                on = "the backbone" if expert is None else f"expert {expert}"
+                log.exception("step %d: the forward of the rows on %s failed again; failing those %d requests",
+                              self._steps, on, len(decode) + len(prefill))
+                for seq in [*decode, *(c.seq for c in prefill)]:
+                    failed[seq] = EngineError(f"internal error while generating on {on}: {type(e).__name__}: {e}")
+                continue
+            rows.extend(got)
+            if out is not None:
+                logits.append(out)
+        return rows, (torch.cat(logits) if logits else None)
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor | None,
+                failed: dict[Sequence, EngineError]) -> tuple[list[int], list[float | None]]:
+        """Tokens for the rows that sample. If the batch raises, every row is sampled again
+        alone from its generator's state before the batch (a row draws the same alone as in
+        any batch), and only the rows that raise again fail."""
+        if not rows:
+            return [], []
+        params = [s.state.sampling for s in rows]
+        rewind = [(r.generator, r.generator.get_state()) for r in params if r.generator is not None]
+        try:
+            return sample(logits, params)
+        except Exception as e:  # noqa: BLE001 - found again, row by row, below
+            log.warning("step %d: sampling failed (%s: %s); sampling its %d rows one at a time", self._steps,
+                        type(e).__name__, e, len(rows))
+        self._step_retries += 1
+        for generator, state in rewind:
+            generator.set_state(state)
+        tokens: list[int] = [0] * len(rows)
+        logprobs: list[float | None] = [None] * len(rows)
+        for i, (seq, r) in enumerate(zip(rows, params)):
+            try:
+                (tokens[i],), (logprobs[i],) = sample(logits[i:i + 1], [r])
+            except Exception as e:  # noqa: BLE001 - this row's error, reported to its request
+                on = "" if seq.expert is None else f" on expert {seq.expert}"
+                failed[seq] = EngineError(f"request {seq.request_id}{on} could not choose token "
+                                          f"{len(seq.output_ids) + 1}: {type(e).__name__}: {e}")
+        return tokens, logprobs
 
     def _prefill(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[PrefillChunk]]:
         device = self.model.backbone.device
@@ -444,8 +550,6 @@ class Engine:
         out = self.model.forward(ids, [c.seq.expert for c in chunks], query_lens=lens, positions=positions,
                                  cache=self.cache, slots=torch.tensor([c.seq.slot for c in chunks], device=device),
                                  logits_at=lens - 1)
-        for c in chunks:
-            c.seq.computed += c.length
         keep = [i for i, c in enumerate(chunks) if c.completes_prompt]
         return out[keep], [chunks[i] for i in keep]
 
@@ -478,7 +582,7 @@ class Engine:
             usage=Usage(len(seq.prompt_ids), len(seq.output_ids)) if finish else None,
             timings=self._timings(seq, now) if finish else None,
         )
-        st.sink(delta)
+        st.sink(delta)  # may raise: the step fails this request alone
 
     def _timings(self, seq: Sequence, now: float) -> Timings:
         start = seq.state.submitted
@@ -496,11 +600,27 @@ class Engine:
         self.residency.release(seq.expert)
         return True
 
-    def _fail(self, seq: Sequence, error: EngineError) -> None:
+    def _fail(self, seq: Sequence, error: EngineError, *, scrub: bool = False) -> None:
+        """End a request with `error`. scrub: it failed inside a step, so its KV slot may hold
+        NaN, which the slot's next request would read (a masked position weighs 0, and 0 x NaN
+        is NaN); the slot is zeroed before anyone can take it."""
+        slot = seq.slot
         with self._lock:
             ended = self._retire(seq)
+        if ended and scrub and slot is not None:
+            # Safe here: slots are handed out only by the step loop, which is this thread
+            # (or stop(), after the loop ended).
+            self.cache.k[:, slot].zero_()
+            self.cache.v[:, slot].zero_()
         if ended:  # a request that already ended (finished in this step, say) gets no second end
+            self._send(seq, error)
+
+    def _send(self, seq: Sequence, error: EngineError) -> None:
+        """Tell a request it ended; a sink that raises cannot take the loop down with it."""
+        try:
             seq.state.sink(error)
+        except Exception:
+            log.exception("the sink of request %s raised while it was told %s", seq.request_id, type(error).__name__)
 
 
 def _collect(request_id: str, deltas: list[TokenDelta]) -> GenerationResult:

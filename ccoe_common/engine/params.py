@@ -18,6 +18,11 @@ from ccoe_common.engine.templates import TEMPLATES, Template
 from ccoe_common.errors import InvalidRequest
 from ccoe_common.experts.reference import ExpertKey
 
+# The least normal fp32 value (~1.18e-38). A temperature below it decodes greedily: sampling
+# at temperature t tends to greedy as t -> 0, and fp32 holds such a t as a subnormal or as 0
+# (1e-45 is 1.4e-45, 1e-46 is 0.0), which hardware may flush to zero before dividing by it.
+MIN_TEMPERATURE = 2.0 ** -126
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 
@@ -39,7 +44,8 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy; higher = more random.")
+    temperature: float = Field(0.0, ge=0.0, le=10.0,
+                               description="0 = greedy (so is anything below 2^-126); higher = more random.")
     top_k: int = Field(0, ge=0, le=100_000, description="Keep the k most likely tokens; 0 = off.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Keep the smallest set with this total probability.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0,
@@ -71,7 +77,8 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Greedy decoding: temperature 0, or below MIN_TEMPERATURE (e.g. 1e-45)."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass

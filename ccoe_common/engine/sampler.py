@@ -11,18 +11,34 @@ depends only on its own logits, parameters and generator: the truncation to top-
 works on a fixed number of candidates per row, or on the row's whole vocabulary, never on a
 size set by other rows.
 
+Every value validation accepts is computed without overflow (params.py states the ranges):
+a temperature below 2^-126 decodes greedily (`SamplingParams.greedy`); a repetition penalty
+that would push a seen logit past fp32's range is eased for that row and step to the factor
+that keeps the largest one finite (the seen logits keep their order); a row whose
+logits over the temperature overflow (temperature 1e-30, say) is scaled after subtracting its
+maximum, which leaves its most likely tokens at 0 and the rest at or near -inf. Only logits
+that are not finite to begin with (NaN, +inf, or every token -inf) raise `NonFiniteLogits`, and
+only for the rows that hold them: the engine then samples each row alone to find them.
+
 Shape legend: B = rows, V = vocab, S = sampled rows, C = candidates per row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ccoe_common.engine.params import SamplingParams
+
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+class NonFiniteLogits(ValueError):
+    """A row's logits hold NaN or +inf, or no finite value: no token has a finite positive
+    probability. Raised before the row's token is chosen."""
 
 
 @dataclass
@@ -53,7 +69,12 @@ def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list
         # the fp32 one; skipping the copy matters for a large vocab (2 cores, 64 rows x 151,936
         # bf16 logits: fp32 copy + argmax 22.8 ms, max(dim) on bf16 6.3 ms; max(dim) is also
         # faster than argmax on the CPU, with the same first-maximum tie rule).
-        for i, tok in zip(plain_greedy, _take(logits, plain_greedy).max(dim=-1).indices.tolist()):
+        # max propagates NaN and keeps +inf / -inf, so its values tell which rows are not finite.
+        best = _take(logits, plain_greedy).max(dim=-1)
+        if not bool(best.values.isfinite().all()):
+            bad = [plain_greedy[j] for j in (~best.values.isfinite()).nonzero().flatten().tolist()]
+            raise NonFiniteLogits(f"the model's logits are not finite (NaN, +inf, or all -inf) in rows {bad}")
+        for i, tok in zip(plain_greedy, best.indices.tolist()):
             chosen[i] = tok
     greedy = set(plain_greedy)
     others = [i for i in range(len(rows)) if i not in greedy]
@@ -76,9 +97,17 @@ def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list
         drawn = [j for j, i in enumerate(others) if not rows[i].params.greedy]
         for j, i in enumerate(others):
             if rows[i].params.greedy:  # greedy with a repetition penalty
+                _check_finite(x[j].max())
                 chosen[i] = int(x[j].argmax())
         if drawn:
-            tokens = _draw(_take(x, drawn), [rows[others[j]] for j in drawn])
+            def penalized(j: int) -> Tensor:
+                """Row `drawn[j]`'s penalised fp32 logits, computed again from the caller's logits."""
+                i = others[drawn[j]]
+                y = logits[i].to(torch.float32, copy=True)
+                _penalize(y, rows[i])
+                return y
+
+            tokens = _draw(_take(x, drawn), [rows[others[j]] for j in drawn], penalized)
             for j, tok in zip(drawn, tokens):
                 chosen[others[j]] = tok
     if raw_lp is not None:
@@ -103,7 +132,38 @@ def _penalize(x: Tensor, r: RowSampling) -> None:
     if p.repetition_penalty != 1.0 and r.seen is not None and r.seen.numel():
         seen = r.seen.to(x.device)
         vals = x[seen]
-        x[seen] = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
+        out = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
+        if not torch.equal(out.isfinite(), vals.isfinite()):
+            out = _penalize_in_range(vals, p.repetition_penalty)
+        x[seen] = out
+
+
+def _penalize_in_range(vals: Tensor, penalty: float) -> Tensor:
+    """The penalty for seen logits `vals` that it would push out of fp32's range (3.0 / 1e-45
+    is +inf, and would make the row NaN): applied with the nearest factor that keeps the
+    largest of them finite, so they stay finite and keep their order. The model's own NaN and
+    inf stay as they are."""
+    finite = vals.isfinite()
+    big = float(vals[finite].abs().max())  # > 0: some finite value overflowed
+    up = min(1.0 / penalty, _FP32_MAX / big, _FP32_MAX)  # for positive logits (divided by the penalty)
+    down = min(penalty, _FP32_MAX / big)  # for negative ones (multiplied)
+    out = torch.where(vals < 0, vals * down, vals * up).clamp_(-_FP32_MAX, _FP32_MAX)  # rounding at the edge
+    return torch.where(finite, out, vals)
+
+
+def _check_finite(top: Tensor) -> None:
+    """top: a row's largest logit; NaN, +inf and -inf (every token -inf) mean no token can be chosen."""
+    if not bool(top.isfinite().all()):
+        raise NonFiniteLogits("no token has a finite positive probability: the model's logits are not finite "
+                              "(NaN, +inf, or all -inf)")
+
+
+def _rescaled(y: Tensor, temperature: float) -> Tensor:
+    """One row's penalised logits [V] over `temperature` with its maximum subtracted first, so
+    that the division cannot overflow: the most likely tokens are 0, the others below (or -inf)."""
+    top = y.amax()
+    _check_finite(top)
+    return y.sub_(top).div_(temperature)
 
 
 def _top_k(r: RowSampling, vocab: int) -> int:
@@ -112,11 +172,20 @@ def _top_k(r: RowSampling, vocab: int) -> int:
     return k if k and k < vocab else 0
 
 
-def _draw(x: Tensor, rows: Sequence[RowSampling]) -> list[int]:
-    """x: [S, V] penalised fp32 logits of rows that sample, modified in place -> one token per row."""
+def _draw(x: Tensor, rows: Sequence[RowSampling], penalized: Callable[[int], Tensor]) -> list[int]:
+    """x: [S, V] penalised fp32 logits of rows that sample, modified in place -> one token per row.
+
+    penalized(j): row j's x afresh, for the rare row whose logits over its temperature
+    overflow; that row is scaled again by `_rescaled`. Every other row's bits are those of
+    x / temperature.
+    """
     device = x.device
     vocab = x.shape[-1]
     x.div_(torch.tensor([r.params.temperature for r in rows], device=device)[:, None])
+
+    def redo(j: int) -> Tensor:
+        return _rescaled(penalized(j), rows[j].params.temperature)
+
     # One uniform draw per row and step, from the row's own generator.
     u = torch.stack([torch.rand((), generator=r.generator, device=device) for r in rows])
     tokens = [0] * len(rows)
@@ -130,20 +199,31 @@ def _draw(x: Tensor, rows: Sequence[RowSampling]) -> list[int]:
             by_width.setdefault(k if k > CANDIDATES else min(CANDIDATES, vocab), []).append(j)
     if plain:
         weights = _take(x, plain)
-        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()  # softmax, short of normalising
+        top = weights.amax(dim=-1, keepdim=True)
+        for n in (~top.isfinite()).nonzero()[:, 0].tolist():  # overflowed (or not finite: redo raises)
+            weights[n], top[n] = redo(plain[n]), 0.0
+        weights.sub_(top).exp_()  # softmax, short of normalising
         for j, tok in zip(plain, _invert(weights, u[plain]).tolist()):
             tokens[j] = tok
     for width, group in by_width.items():
-        for j, tok in zip(group, _draw_truncated(x[group], [rows[j] for j in group], u[group], width)):
+        drawn = _draw_truncated(x[group], [rows[j] for j in group], u[group], width, lambda n, group=group: redo(group[n]))
+        for j, tok in zip(group, drawn):
             tokens[j] = tok
     return tokens
 
 
-def _draw_truncated(x: Tensor, rows: Sequence[RowSampling], u: Tensor, width: int) -> list[int]:
-    """Top-k / top-p rows [S, V] drawing among their `width` best tokens -> one token per row."""
+def _draw_truncated(x: Tensor, rows: Sequence[RowSampling], u: Tensor, width: int,
+                    redo: Callable[[int], Tensor]) -> list[int]:
+    """Top-k / top-p rows [S, V] drawing among their `width` best tokens -> one token per row.
+    redo(n): row n scaled by `_rescaled`, for a row whose best value is not finite."""
     vocab = x.shape[-1]
     device = x.device
     values, ids = torch.topk(x, width, dim=-1)  # [S, C], best first
+    overflowed = (~values[:, 0].isfinite()).nonzero()[:, 0].tolist()
+    if overflowed:
+        for n in overflowed:
+            x[n] = redo(n)
+        values, ids = torch.topk(x, width, dim=-1)
     top_k = torch.tensor([_top_k(r, vocab) or vocab for r in rows], device=device)
     in_k = torch.arange(width, device=device)[None, :] < top_k[:, None]
     # Probabilities over what top-k leaves: the k best when top-k applies, else the whole row.
@@ -159,6 +239,7 @@ def _draw_truncated(x: Tensor, rows: Sequence[RowSampling], u: Tensor, width: in
     # Drop a token when the tokens ranked above it already reach top_p (the top one stays).
     cum = torch.cumsum(probs, dim=-1)
     keep = (cum - probs) < top_p[:, None]
+    keep[:, 0] = True  # also when top_p is below fp32's least value (1e-46 is 0.0 there)
     tokens = ids.gather(1, _invert(probs * keep, u)[:, None]).squeeze(1).tolist()
     # A top-p row whose candidates fall short of top_p has its nucleus outside them: it draws
     # instead by the threshold of its nucleus over its whole vocabulary.

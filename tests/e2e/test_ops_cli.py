@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.experts.artifact import read_artifact, write_artifact
 from ccoe_common.ports import free_port
 from ccoe_common.serving.config import AppConfig
@@ -57,8 +57,11 @@ def stack(tmp_path_factory):
         "backbone": str(demo_backbone(work)),
         "experts": [uris["math"], uris["sql"]],
         "replica": {"num_replicas": 2},
-        "registry": {"artifact_store": str(work / "store")},
         "auth": {"mode": "token"},
+        # Versions are pushed from, and exported to, each test's tmp_path.
+        "registry": {"artifact_store": str(work / "store"),
+                     "allowed_sources": [str(tmp_path_factory.getbasetemp())],
+                     "allowed_export_prefixes": [str(tmp_path_factory.getbasetemp())]},
     })
     with LocalStack(config, grpc_port=free_port()) as st:
         st.law_uri = uris["law"]

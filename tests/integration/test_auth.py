@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ccoe_common.auth.client import authorized_channel
 from ccoe_common.auth.tokens import TokenEntry, token_hash
-from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import registry_pb2 as rpb
 from ccoe_common.ports import free_port

@@ -16,7 +16,7 @@ import grpc
 import pytest
 import redis
 
-from ccoe_common.cli.demo_assets import demo_backbone, demo_experts, nudge
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts, nudge
 from ccoe_common.model import CCoEModel
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
@@ -50,8 +50,9 @@ def stack(work, redis_server):
         "experts": [uris["math"]],
         "redis_url": redis_server.url,
         "replica": {"num_replicas": 2, "engine": {"max_seq_len": 256, "max_running": 4, "max_waiting": 32}},
-        "registry": {"artifact_store": str(work / "store"), "heartbeat_ttl_s": TTL_S},
         "auth": {"mode": "token"},
+        "registry": {"artifact_store": str(work / "store"), "heartbeat_ttl_s": TTL_S,
+                     "allowed_sources": [str(work)]},
     })
     with LocalStack(config, grpc_port=free_port()) as st:
         yield st
