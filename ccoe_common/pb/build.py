@@ -41,12 +41,14 @@ def generate(root: Path = PROTO_ROOT, out: Path = PACKAGE_DIR) -> list[Path]:
         raise FileNotFoundError(f"no .proto files under {root / PROTO_PACKAGE}")
     include = Path(protoc.__file__).parent / "_proto"  # google/protobuf/*.proto
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{root}", f"-I{include}", f"--python_out={tmp}", f"--grpc_python_out={tmp}",
+        args = ["protoc", f"-I{root}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
                 *[str(p.relative_to(root)) for p in protos]]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {[p.name for p in protos]}")
         written = []
-        for src in sorted((Path(tmp) / PROTO_PACKAGE).glob("*.py")):
+        # The .pyi stubs give type checkers the message classes (protoc's .py builds them at run time).
+        for src in sorted((Path(tmp) / PROTO_PACKAGE).glob("*.py*")):
             code = re.sub(r"^from ccoe\.v1 import ", "from ccoe_common.pb import ", src.read_text(), flags=re.M)
             # Message classes carry the module name protoc derived from the .proto path; it
             # must name this package or pickling (Ray passes messages between processes) fails.
