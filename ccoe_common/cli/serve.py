@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
             # From here on only Ray writes; keep it off the JSON stream.
             os.dup2(2, 1)
         else:
-            print(f"CCoE Serve is up: gRPC at {stack.address} (ccoe.v1.Inference, ccoe.v1.Registry, grpc.health.v1.Health, reflection)")
+            print(f"CCoE Serve is up: gRPC at {stack.address} "
+                  "(ccoe.v1.Inference, ccoe.v1.Registry, grpc.health.v1.Health, reflection)")
             print(f"metrics (Prometheus): {stack.metrics_url}")
             print(f"registry Redis: {stack.redis_url}; replicas: {config.replica.num_replicas}; Ctrl-C stops")
         stop.wait()

@@ -82,7 +82,8 @@ class EngineConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
         if self.num_slots < 1:
-            raise ValueError(f"kv_token_budget={self.kv_token_budget} holds no sequence of max_seq_len={self.max_seq_len}")
+            raise ValueError(f"kv_token_budget={self.kv_token_budget} holds no sequence of "
+                             f"max_seq_len={self.max_seq_len}")
         if self.max_batched_tokens < self.num_slots:
             raise ValueError(f"max_batched_tokens={self.max_batched_tokens} must be >= the {self.num_slots} KV slots")
         return self
@@ -391,7 +392,7 @@ class Engine:
                     self._fail(seq, EngineError(f"internal error while generating: {type(e).__name__}: {e}"))
 
     def _reap(self, now: float) -> list[tuple[Sequence, EngineError]]:
-        doomed = []
+        doomed: list[tuple[Sequence, EngineError]] = []
         for seq in self.scheduler.all_sequences():
             if seq.state.cancelled:
                 doomed.append((seq, Cancelled(f"request {seq.request_id} was cancelled")))
@@ -429,7 +430,7 @@ class Engine:
         step_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         tokens, logprobs = sample(step_logits, [s.state.sampling for s in rows])
         now = time.monotonic()
-        for seq, token, lp in zip(rows, tokens, logprobs):
+        for seq, token, lp in zip(rows, tokens, logprobs, strict=True):
             self._advance(seq, token, lp, now)
 
     def _prefill(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[PrefillChunk]]:

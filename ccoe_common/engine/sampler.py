@@ -53,7 +53,7 @@ def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list
         # the fp32 one; skipping the copy matters for a large vocab (2 cores, 64 rows x 151,936
         # bf16 logits: fp32 copy + argmax 22.8 ms, max(dim) on bf16 6.3 ms; max(dim) is also
         # faster than argmax on the CPU, with the same first-maximum tie rule).
-        for i, tok in zip(plain_greedy, _take(logits, plain_greedy).max(dim=-1).indices.tolist()):
+        for i, tok in zip(plain_greedy, _take(logits, plain_greedy).max(dim=-1).indices.tolist(), strict=True):
             chosen[i] = tok
     greedy = set(plain_greedy)
     others = [i for i in range(len(rows)) if i not in greedy]
@@ -79,7 +79,7 @@ def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list
                 chosen[i] = int(x[j].argmax())
         if drawn:
             tokens = _draw(_take(x, drawn), [rows[others[j]] for j in drawn])
-            for j, tok in zip(drawn, tokens):
+            for j, tok in zip(drawn, tokens, strict=True):
                 chosen[others[j]] = tok
     if raw_lp is not None:
         for j, i in enumerate(want_lp):
@@ -131,10 +131,11 @@ def _draw(x: Tensor, rows: Sequence[RowSampling]) -> list[int]:
     if plain:
         weights = _take(x, plain)
         weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()  # softmax, short of normalising
-        for j, tok in zip(plain, _invert(weights, u[plain]).tolist()):
+        for j, tok in zip(plain, _invert(weights, u[plain]).tolist(), strict=True):
             tokens[j] = tok
     for width, group in by_width.items():
-        for j, tok in zip(group, _draw_truncated(x[group], [rows[j] for j in group], u[group], width)):
+        tokens_of_group = _draw_truncated(x[group], [rows[j] for j in group], u[group], width)
+        for j, tok in zip(group, tokens_of_group, strict=True):
             tokens[j] = tok
     return tokens
 
@@ -166,7 +167,7 @@ def _draw_truncated(x: Tensor, rows: Sequence[RowSampling], u: Tensor, width: in
     if short and width < vocab:
         at = {j: n for n, j in enumerate(whole)}  # short rows have no top-k: all are in `whole`
         drawn = _draw_nucleus(_take(whole_probs, [at[j] for j in short]), top_p[short], u[short])
-        for j, tok in zip(short, drawn.tolist()):
+        for j, tok in zip(short, drawn.tolist(), strict=True):
             tokens[j] = tok
     return tokens
 

@@ -2,8 +2,9 @@
 
 Stubs are never committed. They are generated with the grpc_tools installed next to the
 protobuf runtime, so generated code and runtime always agree on the protobuf version (the
-generated modules refuse to import otherwise). Output: ccoe_common/pb/<name>_pb2.py and
-<name>_pb2_grpc.py for every proto/ccoe/v1/<name>.proto, imports rewritten to this package.
+generated modules refuse to import otherwise). Output: ccoe_common/pb/<name>_pb2.py, its type
+stub <name>_pb2.pyi and <name>_pb2_grpc.py for every proto/ccoe/v1/<name>.proto, imports
+rewritten to this package.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def proto_files(root: Path = PROTO_ROOT) -> list[Path]:
 def is_stale(root: Path = PROTO_ROOT, out: Path = PACKAGE_DIR) -> bool:
     """True when a stub is missing or older than its .proto (only checkable in a source tree)."""
     for proto in proto_files(root):
-        for suffix in ("_pb2.py", "_pb2_grpc.py"):
+        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             stub = out / f"{proto.stem}{suffix}"
             if not stub.exists() or stub.stat().st_mtime < proto.stat().st_mtime:
                 return True

@@ -14,8 +14,9 @@ import hashlib
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Callable
+from typing import IO
 
 import fsspec
 from fsspec import AbstractFileSystem

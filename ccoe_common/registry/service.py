@@ -14,6 +14,7 @@ with compare-and-set) until every live replica holds the version and the serving
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import json
 import logging
@@ -31,6 +32,7 @@ from ccoe_common.pb import inference_pb2 as ipb
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry import rollout as ro
 from ccoe_common.registry.artifact_store import ArtifactConflict, ArtifactStore, StoredArtifact
+from ccoe_common.registry.config import RegistryConfig
 from ccoe_common.registry.errors import (
     ArtifactRefused,
     BadRequest,
@@ -42,7 +44,6 @@ from ccoe_common.registry.errors import (
 )
 from ccoe_common.registry.store import DesiredState, RegistryStore
 from ccoe_common.routing.rules import RuleTable, RuleTableError
-from ccoe_common.registry.config import RegistryConfig
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 
@@ -373,7 +374,9 @@ class RegistryService:
         """Advance every active rollout one step; returns how many changed. Which rollouts are
         active comes from the followed snapshot (no extra read per tick); each one is re-read
         under its revision before it is advanced."""
-        state = self._snapshot or await self._io(self.store.desired_state)
+        state = self._snapshot
+        if state is None:
+            state = await self._io(self.store.desired_state)
         active = [name for name, r in state.rollouts.items() if ro.is_active(r)]
         if not active:
             return 0
@@ -448,7 +451,7 @@ class RegistryService:
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.warning("registry Redis unreachable, retrying: %s", e)
                 await asyncio.sleep(0.5)
-            except Exception:  # noqa: BLE001 - keep following whatever one read did
+            except Exception:  # keep following whatever one read did
                 log.exception("reading the desired state failed")
                 await asyncio.sleep(0.5)
             try:
@@ -484,7 +487,7 @@ class RegistryService:
 
     # ---- config experts ----------------------------------------------------------------------
 
-    async def seed(self, uris: tuple[str, ...]) -> list[str]:
+    async def seed(self, uris: tuple[str, ...]) -> builtins.list[str]:  # `list` in here is the RPC
         """Register the experts the app config names, serving at once (no replica runs yet).
         Versions already registered are left alone, so a restart changes nothing."""
         seeded = []

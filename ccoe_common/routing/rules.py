@@ -53,7 +53,8 @@ class Match(BaseModel):
     domain: tuple[str, ...] = Field((), description="Domain tags; the request's tag must be one of them.")
     tenant: tuple[str, ...] = Field((), description="Values of the request metadata 'tenant'.")
     app: tuple[str, ...] = Field((), description="Values of the request metadata 'app'.")
-    keywords: tuple[str, ...] = Field((), description="Words or phrases, matched case-insensitively on word boundaries.")
+    keywords: tuple[str, ...] = Field(
+        (), description="Words or phrases, matched case-insensitively on word boundaries.")
     regex: tuple[str, ...] = Field((), description="Python regular expressions searched in the request text.")
 
     def empty(self) -> bool:

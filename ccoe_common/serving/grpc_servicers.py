@@ -77,7 +77,7 @@ def _cancel_safe(stream_handler: Callable[[Any, Any], AsyncIterator[Any]]) -> Ca
             try:
                 async for item in stream_handler(request, call):
                     items.put_nowait(item)
-            except BaseException as e:  # handed to the call's task, which re-raises it
+            except BaseException as e:  # noqa: BLE001 - handed to the call's task, which re-raises it
                 items.put_nowait(e)
             else:
                 items.put_nowait(_END)

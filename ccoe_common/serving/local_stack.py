@@ -104,7 +104,7 @@ class LocalStack:
                 # the controller still runs; shutting Serve down directly kills it mid-way.
                 try:
                     serve.delete(APP_NAME)
-                except Exception:  # noqa: BLE001 - the app may never have deployed
+                except Exception:  # the app may never have deployed
                     log.debug("no app to delete", exc_info=True)
                 serve.shutdown()
                 ray.shutdown()

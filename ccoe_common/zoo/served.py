@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -17,8 +17,8 @@ import yaml
 
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
-from ccoe_common.registry.client import RegistryClient
 from ccoe_common.ports import free_port
+from ccoe_common.registry.client import RegistryClient
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
 from ccoe_common.zoo.rules import RuleTable as ZooRules

@@ -173,7 +173,8 @@ def test_unknown_expert_is_not_found(stub):
         with pytest.raises(grpc.RpcError) as err:
             call(pb.GenerateRequest(prompt="x", expert=pb.ExpertRef(name="medical")), timeout=60)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "expert 'medical' is not served" in err.value.details() and "serving: ['math', 'sql']" in err.value.details()
+        details = err.value.details()
+        assert "expert 'medical' is not served" in details and "serving: ['math', 'sql']" in details
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(pb.GenerateRequest(prompt="x", expert=pb.ExpertRef(name="math", version=7)), timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
