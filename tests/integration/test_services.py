@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from ccoe_common.auth.client import authorized_channel
 from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
 from ccoe_common.experts.artifact import read_artifact
 from ccoe_common.pb import inference_pb2 as pb
@@ -55,6 +56,7 @@ def stack(tmp_path_factory):
         "experts": [uris["math"], uris["sql"]],
         "rules": str(rules),
         "router": {"rules_check_interval_s": 0.2},
+        "auth": {"mode": "token"},
         "replica": {"engine": {"max_seq_len": 1024, "max_running": 2, "max_waiting": 1, "max_batched_tokens": 64,
                                "retry_after_s": 0.5}},
     })
@@ -68,7 +70,14 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def channel(stack):
-    ch = grpc.insecure_channel(stack.address)
+    ch = stack.inference_channel()
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def admin_channel(stack):
+    ch = authorized_channel(stack.address, stack.admin_token)
     yield ch
     ch.close()
 
@@ -276,8 +285,8 @@ def test_health_and_reflection(channel):
     assert {"ccoe.v1.Inference", "ccoe.v1.Registry", "grpc.health.v1.Health"} <= set(services)
 
 
-def test_live_push_and_pop_through_the_registry(stack, stub, channel):
-    registry = registry_pb2_grpc.RegistryStub(channel)
+def test_live_push_and_pop_through_the_registry(stack, stub, admin_channel):
+    registry = registry_pb2_grpc.RegistryStub(admin_channel)
     pushed = registry.PushExpert(rpb.PushExpertRequest(uri=stack.law_uri, who="test"), timeout=60)
     assert (pushed.expert.name, pushed.expert.version, pushed.rollout.to_version) == ("law", 1, 1)
     deadline = time.monotonic() + 30
