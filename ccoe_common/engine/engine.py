@@ -446,10 +446,11 @@ class Engine:
                 log.exception("request %s failed after its token was chosen", seq.request_id)
                 failed[seq] = EngineError(f"internal error while streaming: {type(e).__name__}: {e}")
         for seq, error in failed.items():
-            self._failed_in_step += 1
-            self._fail(seq, error, scrub=True)
+            if self._fail(seq, error, scrub=True):
+                self._failed_in_step += 1
 
-    def _forward(self, decode: list[Sequence], prefill: list[PrefillChunk]) -> tuple[list[Sequence], torch.Tensor | None]:
+    def _forward(self, decode: list[Sequence],
+                 prefill: list[PrefillChunk]) -> tuple[list[Sequence], torch.Tensor | None]:
         """Run the step's forwards -> (rows that sample, in order; their logits [R, V]).
 
         Changes no sequence: running it again for the same rows writes the same KV positions."""
@@ -474,7 +475,8 @@ class Engine:
         # cat copies even a single tensor: [64, 151936] bf16 logits are 19 MB a step.
         return rows, logits[0] if len(logits) == 1 else torch.cat(logits)
 
-    def _forward_again(self, plan: StepPlan, failed: dict[Sequence, EngineError]) -> tuple[list[Sequence], torch.Tensor | None]:
+    def _forward_again(self, plan: StepPlan,
+                       failed: dict[Sequence, EngineError]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The step's forward failed: run it once more without the rows it can blame.
 
         Rows whose expert is no longer resident fail at once. The rest run again, one forward
@@ -600,10 +602,10 @@ class Engine:
         self.residency.release(seq.expert)
         return True
 
-    def _fail(self, seq: Sequence, error: EngineError, *, scrub: bool = False) -> None:
-        """End a request with `error`. scrub: it failed inside a step, so its KV slot may hold
-        NaN, which the slot's next request would read (a masked position weighs 0, and 0 x NaN
-        is NaN); the slot is zeroed before anyone can take it."""
+    def _fail(self, seq: Sequence, error: EngineError, *, scrub: bool = False) -> bool:
+        """End a request with `error`; False if it had already ended. scrub: it failed inside a
+        step, so its KV slot may hold NaN, which the slot's next request would read (a masked
+        position weighs 0, and 0 x NaN is NaN); the slot is zeroed before anyone can take it."""
         slot = seq.slot
         with self._lock:
             ended = self._retire(seq)
@@ -614,6 +616,7 @@ class Engine:
             self.cache.v[:, slot].zero_()
         if ended:  # a request that already ended (finished in this step, say) gets no second end
             self._send(seq, error)
+        return ended
 
     def _send(self, seq: Sequence, error: EngineError) -> None:
         """Tell a request it ended; a sink that raises cannot take the loop down with it."""

@@ -206,7 +206,8 @@ def _draw(x: Tensor, rows: Sequence[RowSampling], penalized: Callable[[int], Ten
         for j, tok in zip(plain, _invert(weights, u[plain]).tolist()):
             tokens[j] = tok
     for width, group in by_width.items():
-        drawn = _draw_truncated(x[group], [rows[j] for j in group], u[group], width, lambda n, group=group: redo(group[n]))
+        drawn = _draw_truncated(x[group], [rows[j] for j in group], u[group], width,
+                                lambda n, group=group: redo(group[n]))
         for j, tok in zip(group, drawn):
             tokens[j] = tok
     return tokens
