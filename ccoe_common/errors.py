@@ -42,6 +42,21 @@ def _rebuild(cls: type[CCoEError], args: tuple[Any, ...], state: dict[str, Any])
     return error
 
 
+QUOTE_CHARS = 64
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """A bad value as an error message may show it: its repr, cut to `limit` characters with
+    its full length said. A message that echoed a 170 KB prompt once overflowed gRPC's 8 KiB
+    limit on trailing metadata, and the client saw `RESOURCE_EXHAUSTED: Stream removed`
+    instead of the error, e.g. quote("abcdef", limit=3) -> "'abc'… (6 characters)"."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}… ({len(value)} {unit})"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters as text)"
+
+
 class InvalidRequest(CCoEError, ValueError):
     """A request field is out of range or malformed. `param` names it, e.g.
     InvalidRequest("temperature", "must be in [0, 10] (0 = greedy), got 11.0")."""

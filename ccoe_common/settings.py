@@ -5,6 +5,7 @@ CCOE_LOG_LEVEL   logging level for the ccoe command (default WARNING)
 CCOE_DEVICE      default torch device for commands that load a model (default: cuda if present, else cpu)
 CCOE_TRACE_DIR   also write finished trace spans as JSON lines into this folder (tests, debugging)
 CCOE_REGISTRY    gRPC address of the registry for the ops commands (default 127.0.0.1:9000)
+CCOE_TOKEN       bearer token the ccoe command sends (role admin for the registry commands); or --token-file
 CCOE_REDIS_PASSWORD  password of the registry's Redis when its URL carries none (on Kubernetes
                  the chart sets it from a Secret, so the password is in no config or command line)
 """
@@ -41,6 +42,11 @@ def cache_dir() -> Path:
 def redis_password() -> str | None:
     """CCOE_REDIS_PASSWORD, e.g. "3f9c..." from the release's Redis Secret; None when unset or empty."""
     return os.environ.get("CCOE_REDIS_PASSWORD") or None
+
+
+def token() -> str | None:
+    """CCOE_TOKEN, e.g. "ccoe_Yc3..." as `ccoe auth token` printed it; None when unset or empty."""
+    return os.environ.get("CCOE_TOKEN", "").strip() or None
 
 
 def load_settings() -> Settings:

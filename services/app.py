@@ -11,7 +11,8 @@ from typing import Any
 
 from ray.serve import Application
 
-from ccoe_common.serving.config import AppConfig
+from ccoe_common.auth.config import NO_AUTH_SECTION
+from ccoe_common.serving.config import AppConfig, ConfigError
 from services.registry.deployment import Registry
 from services.replica.deployment import ModelReplica
 from services.router.deployment import Router
@@ -24,6 +25,8 @@ REGISTRY_MAX_ONGOING = 1024
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = AppConfig.load(args)
+    if config.auth is None:
+        raise ConfigError(NO_AUTH_SECTION)  # before anything deploys: every call is authenticated or none is
     raw = config.model_dump(mode="json")
     rc = config.replica
     replica = ModelReplica.options(

@@ -10,6 +10,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from ccoe_common.serving.ray_auth import enable_ray_token_auth  # noqa: E402
+
+# Every stack the suite starts runs with Ray's own token auth on, as the product's do; Ray
+# fixes its auth mode when first imported, so this comes before any import of ray.
+assert enable_ray_token_auth(), "RAY_AUTH_MODE is set to something other than token for the test run"
+
 from ccoe_common.model.synthetic import make_checkpoint  # noqa: E402
 
 # Every variant the parity requirement names: Qwen2 and Llama, with and without qkv bias,

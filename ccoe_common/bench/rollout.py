@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import shutil
 import threading
 import time
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ccoe_common.bench.memory import SHAPES as MEMORY_SHAPES
 from ccoe_common.bench.memory import _quiet_transformers
@@ -43,6 +44,9 @@ from ccoe_common.bench.throughput import _perturb
 from ccoe_common.bench.throughput import workload_from_args as throughput_workload
 from ccoe_common.console import positive_int, UserError
 from ccoe_common.console import add_json_flag, format_table, print_json, Progress, stdout_to_stderr
+
+if TYPE_CHECKING:
+    from ccoe_common.serving.local_stack import LocalStack
 
 EXPERT = "rollout"
 TARGET_P99_S = 5.0
@@ -197,15 +201,13 @@ def stream_once(stub: Any, max_tokens: int, log: Log, probe: bool = False) -> Re
 
 
 @contextmanager
-def load(address: str, clients: int, max_tokens: int, log: Log) -> Iterator[threading.Event]:
+def load(stack: LocalStack, clients: int, max_tokens: int, log: Log) -> Iterator[threading.Event]:
     """`clients` threads streaming back to back until the block ends; yields the stop event.
     On exit the threads finish the request they are in, so every response is logged."""
-    import grpc
-
     from ccoe_common.pb import inference_pb2_grpc
 
     stop = threading.Event()
-    channel = grpc.insecure_channel(address)
+    channel = stack.inference_channel()
     stub = inference_pb2_grpc.InferenceStub(channel)
 
     def client() -> None:
@@ -284,7 +286,7 @@ def collect(wl: Workload, workdir: Path, step: Callable[[str], None]) -> dict[st
     import torch
 
     from ccoe_common.pb import inference_pb2_grpc
-    from ccoe_common.registry.client import RegistryClient, RolloutFailed
+    from ccoe_common.registry.client import RolloutFailed
     from ccoe_common.ports import free_port
     from ccoe_common.serving.config import AppConfig
     from ccoe_common.serving.local_stack import LocalStack
@@ -299,16 +301,19 @@ def collect(wl: Workload, workdir: Path, step: Callable[[str], None]) -> dict[st
     config = AppConfig.load({
         "backbone": str(assets.backbone), "experts": [assets.uris[0]],
         "replica": {"num_replicas": wl.replicas, "num_cpus": 0, "dtype": "bfloat16", "engine": engine},
+        "auth": {"mode": "token"},
+        # The versions are pushed from where prepare() built them.
+        "registry": {"allowed_sources": [os.path.commonpath(assets.uris)]},
     })
     log = Log()
     timings: list[PushTiming] = []
     error = None
     with LocalStack(config, grpc_port=free_port()) as stack:
         step(f"local stack up: {wl.replicas} replicas serving {EXPERT}@1")
-        channel = grpc.insecure_channel(stack.address)
+        channel = stack.inference_channel()
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
-            with RegistryClient(stack.address) as registry, load(stack.address, wl.clients, wl.max_tokens, log):
+            with stack.registry_client() as registry, load(stack, wl.clients, wl.max_tokens, log):
                 wait_warm(log, wl.clients)
                 step(f"load running: {wl.clients} clients, {len(log.responses)} responses so far")
                 for v in range(2, wl.pushes + 2):

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ccoe_common.auth.client import bearer_metadata
 from ccoe_common.bench.memory import SHAPES
 from ccoe_common.console import add_json_flag, format_table, print_json, Progress, stdout_to_stderr
 from ccoe_common.engine.engine import Engine, EngineConfig
@@ -106,7 +107,7 @@ async def _engine_round(engine: Engine, reqs: list[dict[str, Any]]) -> dict[str,
     return _round(results, time.perf_counter() - start, failed=0)
 
 
-async def _served_round(address: str, reqs: list[dict[str, Any]]) -> dict[str, Any]:
+async def _served_round(address: str, token: str | None, reqs: list[dict[str, Any]]) -> dict[str, Any]:
     import grpc
 
     from ccoe_common.pb import inference_pb2 as pb
@@ -121,7 +122,8 @@ async def _served_round(address: str, reqs: list[dict[str, Any]]) -> dict[str, A
             if r["expert"]:
                 request.expert.name = r["expert"]
             try:
-                return await _timed(stub.GenerateStream(request, timeout=600))
+                return await _timed(stub.GenerateStream(request, timeout=600,
+                                                        metadata=bearer_metadata(token) if token else None))
             except grpc.aio.AioRpcError:
                 return None
 
@@ -152,19 +154,20 @@ def run(args: argparse.Namespace) -> int:
         for uri in uris:
             model.push(uri)
         config = AppConfig.load({"backbone": str(backbone), "experts": uris,
-                                 "replica": {"dtype": "bfloat16", "engine": engine_cfg.model_dump()}})
+                                 "replica": {"dtype": "bfloat16", "engine": engine_cfg.model_dump()},
+                                 "auth": {"mode": "token"}})
         with Engine(model, engine_cfg) as engine, LocalStack(config, grpc_port=free_port()) as stack:
             progress.step("engine and local stack up")
             warm = _requests(min(4, args.clients), args.prompt_tokens, 4, model.tokenizer, 999)
             asyncio.run(_engine_round(engine, warm))
-            asyncio.run(_served_round(stack.address, warm))
+            asyncio.run(_served_round(stack.address, stack.inference_token, warm))
             for i in range(args.rounds):
                 reqs = _requests(args.clients, args.prompt_tokens, args.new_tokens, model.tokenizer, i)
                 for system in (("engine", "served") if i % 2 == 0 else ("served", "engine")):
                     if system == "engine":
                         result = asyncio.run(_engine_round(engine, reqs))
                     else:
-                        result = asyncio.run(_served_round(stack.address, reqs))
+                        result = asyncio.run(_served_round(stack.address, stack.inference_token, reqs))
                     rounds[system].append(result)
                     progress.step(f"round {i + 1}: {system} {result['tokens'] / result['seconds']:.1f} tokens/s")
     report = _report(args, rounds)

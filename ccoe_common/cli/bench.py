@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ccoe_common.bench import memory, rollout, serve, throughput
+from ccoe_common.bench import fuzz, memory, rollout, rules, serve, throughput
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,3 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("rollout", help="push-to-live time of new expert versions under load, 2+ replicas")
     rollout.add_arguments(p)
     p.set_defaults(handler=rollout.run)
+    p = kinds.add_parser("fuzz", help="random requests to every gRPC method of a local stack: status histogram")
+    fuzz.add_arguments(p)
+    p.set_defaults(handler=fuzz.run)
+    p = kinds.add_parser("rules", help="one rule regex's matching time: RE2 vs Python's re on ^(a+)+$")
+    rules.add_arguments(p)
+    p.set_defaults(handler=rules.run)

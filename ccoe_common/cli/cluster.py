@@ -16,6 +16,7 @@ import argparse
 
 import grpc
 
+from ccoe_common.cli.registry_ops import token
 from ccoe_common.console import UserError, add_json_flag, print_json
 from ccoe_common.registry.client import RegistryClient
 
@@ -27,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("status", help="the RayService and its Serve application, the Ray pods, and the expert "
                                         "versions each model replica holds")
+    p.add_argument("--token-file", metavar="PATH", default=None,
+                   help="file holding a token with role admin, to list each replica's experts (default: $CCOE_TOKEN)")
     add_json_flag(p)
     p.set_defaults(handler=status, cluster_command=True)
 
@@ -46,7 +49,7 @@ def status(args: argparse.Namespace) -> int:
     experts, registry_error = None, None
     try:
         with forward_to_ops(cluster, args.release) as address, \
-                RegistryClient(address, timeout_s=REGISTRY_TIMEOUT_S) as client:
+                RegistryClient(address, token=token(args), timeout_s=REGISTRY_TIMEOUT_S) as client:
             experts = client.list()
     except ClusterError as e:
         if not e.retryable:

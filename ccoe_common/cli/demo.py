@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ccoe_common.cli import demo_stack, demo_zoo
-from ccoe_common.cli.demo_assets import demo_backbone, nudge
+from ccoe_common.model.demo_assets import demo_backbone, nudge
 from ccoe_common.console import positive_int
 from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json
 from ccoe_common.model import CCoEModel, Placement

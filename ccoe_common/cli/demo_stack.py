@@ -27,7 +27,6 @@ import yaml
 from ccoe_common.console import format_table, print_json, stdout_to_stderr
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
-from ccoe_common.registry.client import RegistryClient
 from ccoe_common.ports import free_port
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
@@ -102,15 +101,19 @@ def run(args: argparse.Namespace) -> int:
     config = AppConfig.load({
         "backbone": zoo["backbone"]["path"], "experts": [uris[d] for d in first], "rules": str(rules_file),
         "replica": {"engine": {"max_seq_len": 512, "max_running": 8, "max_batched_tokens": 256}},
+        "auth": {"mode": "token"},
+        "registry": {"allowed_sources": [str(workdir)]},  # the live push comes from the zoo
     })
     report: dict[str, Any] = {"zoo": str(workdir), "quick": args.quick}
     say(f"starting the local stack (Ray, redis-server, Ray Serve gRPC proxy) with experts {', '.join(first)} ...",
         flush=True)
     t0 = time.monotonic()
     with stdout_to_stderr(args.json), LocalStack(config, grpc_port=free_port()) as stack:
-        say(f"up in {time.monotonic() - t0:.1f}s: gRPC {stack.address}, Redis {stack.redis_url}\n")
+        say(f"up in {time.monotonic() - t0:.1f}s: gRPC {stack.address}, Redis {stack.redis_url}")
+        say(f"auth on: this run minted an admin token and an inference token (only their hashes are on disk);\n"
+            f"  try: CCOE_TOKEN={stack.admin_token} ccoe expert list --registry {stack.address}\n")
         report["grpc_address"] = stack.address
-        channel = grpc.insecure_channel(stack.address)
+        channel = stack.inference_channel()
         stub = inference_pb2_grpc.InferenceStub(channel)
 
         say(f"held-out problems, sent as an app would (Alpaca template, no expert named); {live} has no expert yet:")
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(_row(stub, "before push", "generic", question, expected, lambda text: text.strip() == expected))
         say(_table(rows))
 
-        with RegistryClient(stack.address) as registry:
+        with stack.registry_client() as registry:
             pushed = registry.push(uris[live], who="demo")
             key = f"{pushed.expert.name}@{pushed.expert.version}"
             done = registry.wait_rollout(live, pushed.rollout.id, timeout_s=120)

@@ -10,13 +10,13 @@ from collections.abc import Sequence
 
 import grpc
 
-from ccoe_common.cli import audit, bench, cluster, demo, expert, generate, rollout, rules, serve, train
+from ccoe_common.cli import audit, auth, bench, cluster, demo, expert, generate, rollout, rules, serve, train
 from ccoe_common.console import UserError
 from ccoe_common.cli.registry_ops import add_cluster_flags, rpc_error_exit, through_cluster
-from ccoe_common.engine.errors import EngineError
+from ccoe_common.errors import CCoEError
 from ccoe_common.settings import load_settings
 
-COMMANDS = (demo, serve, generate, expert, rollout, rules, audit, bench, train, cluster)
+COMMANDS = (demo, serve, generate, expert, rollout, rules, audit, bench, train, cluster, auth)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with through_cluster(args):
             return int(args.handler(args) or 0)
-    except (UserError, EngineError, ValueError, LookupError, FileNotFoundError) as e:
+    except (UserError, CCoEError, ValueError, LookupError, FileNotFoundError) as e:
         # Expected, user-facing failures (bad path, bad artifact, unknown expert): one clear
         # line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"ccoe {args.command}: error: {e}", file=sys.stderr)

@@ -23,6 +23,8 @@ from typing import Any
 
 import grpc
 
+from ccoe_common import settings
+from ccoe_common.auth.client import read_token_file
 from ccoe_common.console import UserError, format_table, human_bytes, positive_int
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.client import RegistryClient, RolloutFailed, policy
@@ -55,8 +57,12 @@ def default_who() -> str:
 def add_registry_flags(parser: argparse.ArgumentParser, *, who: bool = False) -> None:
     parser.add_argument("--registry", metavar="ADDRESS", default=None,
                         help=f"the registry's gRPC address (default: $CCOE_REGISTRY, else {DEFAULT_REGISTRY})")
+    parser.add_argument("--token-file", metavar="PATH", default=None,
+                        help="file holding your bearer token (default: $CCOE_TOKEN); mint one with `ccoe auth token`")
     if who:
-        parser.add_argument("--who", default=None, help="name recorded in the audit log (default: $USER@hostname)")
+        parser.add_argument("--who", default=None,
+                            help="ignored when the server authenticates: the audit log records the token's "
+                                 "principal (default: $USER@hostname)")
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -133,8 +139,14 @@ def who(args: argparse.Namespace) -> str:
     return getattr(args, "who", None) or default_who()
 
 
+def token(args: argparse.Namespace) -> str | None:
+    """--token-file, else $CCOE_TOKEN, else None (a server with auth on then answers UNAUTHENTICATED)."""
+    path = getattr(args, "token_file", None)
+    return read_token_file(path) if path else settings.token()
+
+
 def connect(args: argparse.Namespace) -> RegistryClient:
-    return RegistryClient(address(args))
+    return RegistryClient(address(args), token=token(args))
 
 
 def local_or_uri(path: str) -> str:
@@ -149,6 +161,8 @@ def rpc_error_exit(args: argparse.Namespace, error: grpc.RpcError) -> int:
     details = (error.details() if hasattr(error, "details") else "") or str(error)
     if code == grpc.StatusCode.UNAVAILABLE and getattr(args, "release", None):
         details += f" (through the port-forward to release {args.release}'s ops Service)"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        details += " (set CCOE_TOKEN or --token-file to a token with role admin; mint one with `ccoe auth token`)"
     elif code == grpc.StatusCode.UNAVAILABLE:
         details += (f" (is a registry listening at {address(args)}? "
                     "point --registry or CCOE_REGISTRY at it, or reach a cluster with --release)")

@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     with LocalStack(config, grpc_port=args.port) as stack:
         info = {"grpc_address": stack.address, "redis_url": stack.redis_url, "metrics_url": stack.metrics_url,
-                "experts": list(config.experts), "replicas": config.replica.num_replicas}
+                "experts": list(config.experts), "replicas": config.replica.num_replicas,
+                "auth": config.auth.mode if config.auth else None,
+                "admin_token": stack.admin_token, "inference_token": stack.inference_token}
         if args.json:
             print_json(info)
             # From here on only Ray writes; keep it off the JSON stream.
@@ -38,6 +40,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"CCoE Serve is up: gRPC at {stack.address} (ccoe.v1.Inference, ccoe.v1.Registry, grpc.health.v1.Health, reflection)")
             print(f"metrics (Prometheus): {stack.metrics_url}")
+            if stack.admin_token:
+                print("auth on; tokens minted for this run (they stop working when it stops):")
+                print(f"  admin (registry):   export CCOE_TOKEN={stack.admin_token}")
+                print(f"  inference (apps):   authorization: Bearer {stack.inference_token}")
+                print(f"  e.g. CCOE_TOKEN={stack.admin_token} ccoe expert list --registry {stack.address}")
+            else:
+                print("auth is OFF (auth.mode none): anyone who reaches the port may change the fleet")
             print(f"registry Redis: {stack.redis_url}; replicas: {config.replica.num_replicas}; Ctrl-C stops")
         stop.wait()
     if not args.json:

@@ -6,13 +6,20 @@ memory), hashed on the way and checked against the manifest before anything beco
 destination: they are staged aside, moved into place, and the manifest is written last, so its
 presence means "complete". Two pushes of one version racing each other are serialized by the
 registry's compare-and-set, not here.
+
+The store is bounded (invariant 9): an upload over `max_upload_bytes`, or one that would take
+the store past `quota_bytes`, is refused while it streams and its bytes removed. Staging
+folders are named by their start time, so one left by a process that died mid-upload is
+removed by a later upload once it is a day old.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 from typing import IO, Callable
@@ -20,14 +27,19 @@ from typing import IO, Callable
 import fsspec
 from fsspec import AbstractFileSystem
 
-from ccoe_common.errors import CCoEError
+from ccoe_common.errors import CCoEError, quote
 from ccoe_common.experts.artifact import _join, read_manifest
 from ccoe_common.experts.errors import ArtifactNotFound, ChecksumMismatch, ManifestMalformed
 from ccoe_common.experts.manifest import MANIFEST_FILE, WEIGHTS_FILE, ExpertManifest
 from ccoe_common.experts.reference import NAME_RE
+from ccoe_common.registry.config import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_STORE_QUOTA_BYTES, RegistryConfig
+from ccoe_common.registry.errors import BadRequest, LimitExceeded
 
+log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 UPLOADS = ".uploads"
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; it is parsed whole, so it is capped on its own
+STALE_UPLOAD_S = 24 * 3600  # an upload idle for 60 s is abandoned; a staging folder a day old is a leftover
 
 ProgressFn = Callable[[int, int], None]
 """(bytes_done, bytes_total); called as chunks move, the last call has done == total."""
@@ -89,6 +101,23 @@ def _existing(dest: str, manifest: ExpertManifest, hint: str) -> StoredArtifact 
     return _stored(dest, held)
 
 
+def _check_destination(dest: str) -> None:
+    """An export goes to a folder that does not exist yet, is empty, or already holds this very
+    artifact (a retried export); anything else there is refused rather than mixed with it."""
+    fs, path = _fs(dest)
+    if not fs.exists(path) or fs.exists(_join(path, MANIFEST_FILE)):
+        return
+    if not fs.isdir(path):
+        raise ArtifactConflict(f"export_to: {quote(dest)} is a file; give a folder that does not exist yet or is empty")
+    if fs.ls(path, detail=False):
+        raise ArtifactConflict(f"export_to: {quote(dest)} already holds other files; give a folder that does not "
+                               "exist yet or is empty")
+
+
+def _staging_name() -> str:
+    return f"{int(time.time())}-{uuid.uuid4().hex}"
+
+
 def _install(dest: str, manifest: ExpertManifest, staged: str, hint: str) -> StoredArtifact:
     """Move verified weights from `staged` (a path on dest's filesystem) into place, manifest last."""
     # Checked again here, not only before copying: another writer may have finished meanwhile.
@@ -130,24 +159,60 @@ def _copy(src: str, dest: str, staged: str, progress: ProgressFn | None, hint: s
 
 
 class ArtifactStore:
-    """Expert versions under one root, e.g. ArtifactStore("s3://ccoe/experts") or ("~/.ccoe/experts")."""
+    """Expert versions under one root, e.g. ArtifactStore("s3://ccoe/experts") or ("~/.ccoe/experts").
+    `max_upload_bytes` bounds one upload and `quota_bytes` the whole store (see from_config)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                 quota_bytes: int = DEFAULT_STORE_QUOTA_BYTES):
         if "://" not in root:
             root = os.path.abspath(os.path.expanduser(root))
         self.root = root.rstrip("/")
+        self.max_upload_bytes, self.quota_bytes = max_upload_bytes, quota_bytes
         self._fs, self._path = _fs(self.root)
         self._fs.makedirs(self._path, exist_ok=True)
+
+    @classmethod
+    def from_config(cls, config: RegistryConfig) -> ArtifactStore:
+        return cls(config.artifact_store, max_upload_bytes=config.max_upload_bytes,
+                   quota_bytes=config.artifact_store_quota_bytes)
+
+    def used_bytes(self) -> int:
+        """Bytes under the root now, staging included."""
+        return int(self._fs.du(self._path, total=True)) if self._fs.exists(self._path) else 0
+
+    def check_quota(self, what: str, used: int, adding: int) -> None:
+        """LimitExceeded if `adding` bytes on top of `used` would take the store past its quota."""
+        if used + adding > self.quota_bytes:
+            raise LimitExceeded(f"{what}: the artifact store would hold {used + adding} bytes, over "
+                                f"registry.artifact_store_quota_bytes ({self.quota_bytes} bytes); remove versions "
+                                "no longer needed from the store or raise the quota")
+
+    def sweep_uploads(self, older_than_s: float = STALE_UPLOAD_S) -> list[str]:
+        """Remove staging folders older than `older_than_s` (left by a process that died mid-upload)."""
+        staging = f"{self._path}/{UPLOADS}"
+        if not self._fs.exists(staging):
+            return []
+        removed = []
+        for entry in self._fs.ls(staging, detail=False):
+            started = posixpath.basename(entry.rstrip("/")).split("-", 1)[0]
+            if started.isdigit() and int(started) < time.time() - older_than_s:
+                self._fs.rm(entry, recursive=True)
+                removed.append(entry)
+        if removed:
+            log.info("removed %d abandoned staging folder(s) from %s/%s", len(removed), self.root, UPLOADS)
+        return removed
 
     def uri_for(self, name: str, version: int) -> str:
         # Validated here because the name becomes a path: "../x" must never escape the root.
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ValueError(f"expert name {name!r} does not match {NAME_RE.pattern}")
+            raise ValueError(f"expert name {quote(name)} does not match {NAME_RE.pattern}")
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ValueError(f"expert {name!r}: version must be an integer >= 1, got {version!r}")
+            raise ValueError(f"expert {quote(name)}: version must be an integer >= 1, got {version!r}")
         return f"{self.root}/{name}/v{version}"
 
-    def put(self, src_uri: str, *, progress: ProgressFn | None = None) -> StoredArtifact:
+    def put(self, src_uri: str, *, progress: ProgressFn | None = None, enforce_quota: bool = True) -> StoredArtifact:
+        """Copy the artifact at `src_uri` in. With `enforce_quota` (pushes) a copy that would
+        take the store past its quota is refused; the config's own experts are not."""
         manifest = read_manifest(src_uri)
         dest = self.uri_for(manifest.name, manifest.version)
         src_fs, src_path = _fs(src_uri)
@@ -157,7 +222,14 @@ class ArtifactStore:
             if progress:
                 progress(stored.bytes, stored.bytes)
             return stored
-        staging = f"{self._path}/{UPLOADS}/{uuid.uuid4().hex}"
+        if enforce_quota and not self._fs.exists(_join(_fs(dest)[1], MANIFEST_FILE)):
+            weights_fs, weights_path = _fs(_join(src_uri, WEIGHTS_FILE))
+            try:
+                size = weights_fs.size(weights_path)
+            except FileNotFoundError:
+                size = 0  # _copy names the missing file
+            self.check_quota(f"push of {manifest.name}@{manifest.version}", self.used_bytes(), size)
+        staging = f"{self._path}/{UPLOADS}/{_staging_name()}"
         try:
             return _copy(src_uri, dest, f"{staging}/{WEIGHTS_FILE}", progress,
                          "a stored version never changes: push the new weights as a new version")
@@ -175,9 +247,13 @@ class ArtifactStore:
         return True
 
     def begin_upload(self, name: str, version: int) -> Upload:
+        self.sweep_uploads()
         return Upload(self, name, version)
 
     def export(self, src_uri: str, dest_uri: str, *, progress: ProgressFn | None = None) -> StoredArtifact:
+        """Copy a stored version to `dest_uri` (checked by LocationPolicy first): a folder that
+        does not exist yet or is empty; the same artifact already there is left as it is."""
+        _check_destination(dest_uri)
         dest_path = _fs(dest_uri)[1]
         # Staged beside dest, not inside it, so a refused copy leaves nothing at dest.
         staged = f"{dest_path}.{uuid.uuid4().hex}.part"
@@ -200,8 +276,11 @@ class Upload:
     def __init__(self, store: ArtifactStore, name: str, version: int):
         self.dest = store.uri_for(name, version)
         self.name, self.version = name, version
-        self.uri = f"{store.root}/{UPLOADS}/{uuid.uuid4().hex}"
+        self.store = store
+        self._used_at_start = store.used_bytes()
+        self.uri = f"{store.root}/{UPLOADS}/{_staging_name()}"
         self.bytes_received = 0
+        self._file_bytes: dict[str, int] = {}
         self._fs, self._path = _fs(self.uri)
         self._fs.makedirs(self._path, exist_ok=True)
         self._files: dict[str, IO[bytes]] = {}
@@ -210,10 +289,22 @@ class Upload:
 
     def write(self, file: str, data: bytes) -> None:
         if file not in (MANIFEST_FILE, WEIGHTS_FILE):
-            raise ValueError(f"upload of {self.name}@{self.version}: file {file!r} is not "
+            raise ValueError(f"upload of {self.name}@{self.version}: file {quote(file)} is not "
                              f"{MANIFEST_FILE!r} or {WEIGHTS_FILE!r}")
         if self._closed:
             raise ValueError(f"upload of {self.name}@{self.version} is already finished or aborted; begin a new one")
+        subject = f"upload of {self.name}@{self.version}"
+        total = self.bytes_received + len(data)
+        # Checked before the bytes are written, so nothing over a limit ever lands in the store.
+        if total > self.store.max_upload_bytes:
+            raise LimitExceeded(f"{subject}: {total} bytes so far, over registry.max_upload_bytes "
+                                f"({self.store.max_upload_bytes} bytes); nothing was stored")
+        self.store.check_quota(subject, self._used_at_start, total)
+        file_total = self._file_bytes.get(file, 0) + len(data)
+        if file == MANIFEST_FILE and file_total > MAX_MANIFEST_BYTES:
+            raise BadRequest(f"{subject}: {MANIFEST_FILE} is over {MAX_MANIFEST_BYTES} bytes; a manifest is a "
+                             "few KiB of JSON (send the weights as weights.safetensors)")
+        self._file_bytes[file] = file_total
         if file not in self._files:
             self._files[file] = self._fs.open(_join(self._path, file), "wb")
         self._files[file].write(data)

@@ -1,6 +1,6 @@
 """A client of the ccoe.v1.Registry gRPC API, for the ops CLI, the demo and the benchmarks.
 
-    with RegistryClient("127.0.0.1:9000") as reg:
+    with RegistryClient("127.0.0.1:9000", token=os.environ["CCOE_TOKEN"]) as reg:
         pushed = reg.push("file:///exports/math/v2", who="alice")
         reg.wait_rollout("math", pushed.rollout.id)
 """
@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import fsspec
-import grpc
 
+from ccoe_common.auth.client import authorized_channel
 from ccoe_common.experts.artifact import read_manifest
 from ccoe_common.experts.manifest import MANIFEST_FILE, WEIGHTS_FILE
 from ccoe_common.pb import registry_pb2 as pb
@@ -40,10 +40,11 @@ def policy(strategy: str = "all_at_once", canary_replicas: int = 1, max_unavaila
 
 
 class RegistryClient:
-    def __init__(self, address: str, *, timeout_s: float = 120.0):
+    def __init__(self, address: str, *, token: str | None = None, timeout_s: float = 120.0):
+        """token: the caller's bearer token (role admin for every method here); None sends none."""
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address)
+        self.channel = authorized_channel(address, token)
         self.stub = registry_pb2_grpc.RegistryStub(self.channel)
 
     def close(self) -> None:

@@ -45,6 +45,36 @@ class BadRequest(RegistryError):
     code = "INVALID_ARGUMENT"
 
 
+class DisallowedLocation(BadRequest):
+    """A source URI or export destination outside what `registry.allowed_sources` and
+    `registry.allowed_export_prefixes` allow (decided before anything is read)."""
+
+
+class LimitExceeded(RegistryError):
+    """An upload over `registry.max_upload_bytes`, or the artifact store over its quota
+    (`registry.artifact_store_quota_bytes`). The message names the limit and the setting."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class UploadAbandoned(RegistryError):
+    """The client went silent for `registry.upload_idle_timeout_s` (DEADLINE_EXCEEDED) or
+    cancelled the stream (CANCELLED, set on the instance); what it had sent is removed."""
+
+    code = "DEADLINE_EXCEEDED"
+
+    def __init__(self, message: str, code: str = "DEADLINE_EXCEEDED"):
+        self.code = code
+        super().__init__(message)
+
+
+class ExportFailed(RegistryError):
+    """The export destination is allowed but cannot be written (permissions, a file in the
+    way, a full disk). Nothing was retired."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class StoreUnavailable(RegistryError):
     """Redis (or the artifact store) cannot be reached; nothing was changed."""
 

@@ -7,6 +7,10 @@ backbone by a replica that loads it *without* adding it to its live set (`valida
 then registered. A rollout is then driven by `tick()` (rollout.py decides, the store applies
 with compare-and-set) until every live replica holds the version and the serving version flips.
 
+Every request is checked before anything is read or written (invariants 6 and 9): names,
+lengths, the source and export locations (sources.py), the rule table's size and shape. An
+outside location is refused on its text alone, so the answer never says whether it exists.
+
     service = RegistryService(store, artifacts, validate, config.registry)
     await service.push(pb.PushExpertRequest(uri="file:///exports/math/v2"))
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import logging
 import time
@@ -22,27 +27,31 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis
-import yaml
 
-from ccoe_common.errors import ExpertNotFound
+from ccoe_common.errors import ExpertNotFound, quote
 from ccoe_common.experts.artifact import read_manifest
 from ccoe_common.experts.errors import ExpertError
+from ccoe_common.experts.reference import NAME_RE
 from ccoe_common.pb import inference_pb2 as ipb
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry import rollout as ro
 from ccoe_common.registry.artifact_store import ArtifactConflict, ArtifactStore, StoredArtifact
+from ccoe_common.registry.config import DEFAULT_UPLOAD_IDLE_TIMEOUT_S, RegistryConfig
 from ccoe_common.registry.errors import (
     ArtifactRefused,
     BadRequest,
+    ExportFailed,
     NothingToRollBack,
     RegistryError,
     RevisionConflict,
     RolloutInProgress,
     StoreUnavailable,
+    UploadAbandoned,
 )
+from ccoe_common.registry.sources import LocationPolicy
 from ccoe_common.registry.store import DesiredState, RegistryStore
-from ccoe_common.routing.rules import RuleTable, RuleTableError
-from ccoe_common.registry.config import RegistryConfig
+from ccoe_common.routing.rules import RuleTable, RuleTableError, load_table_text
+from ccoe_common.pb.lenient import Undecodable
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 
@@ -75,24 +84,41 @@ def rollout_to_pb(r: dict[str, Any] | None, live: dict[str, ro.ReplicaView]) -> 
                   for rid, st, d in ro.replica_statuses(r, live)])
 
 
-async def receive_upload(artifacts: ArtifactStore,
-                         chunks: AsyncIterator[pb.ArtifactChunk]) -> pb.UploadArtifactResponse:
+async def receive_upload(artifacts: ArtifactStore, chunks: AsyncIterator[pb.ArtifactChunk], *,
+                         idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S) -> pb.UploadArtifactResponse:
     """Land an artifact streamed in chunks in the artifact store (checked there, sha256
-    included); nothing is registered. Any failure removes what was staged."""
+    included); nothing is registered. The store's limits apply while it streams; a chunk that
+    did not decode, a client silent for `idle_timeout_s` or one that cancelled ends the upload.
+    Any failure removes what was staged."""
     upload = None
+    stream = aiter(chunks)
     try:
-        async for chunk in chunks:
+        for index in itertools.count():
+            try:
+                chunk = await asyncio.wait_for(anext(stream), idle_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError as e:
+                raise UploadAbandoned(f"upload: no chunk for {idle_timeout_s:g} s (registry.upload_idle_timeout_s); "
+                                      "what was sent is removed, start again") from e
+            if isinstance(chunk, Undecodable):
+                raise BadRequest(f"chunk {index}: {chunk.reason}")
             if upload is None:
                 if not chunk.expert or chunk.version < 1:
                     raise BadRequest("the first chunk must name the expert and its version (>= 1)")
                 try:
-                    upload = artifacts.begin_upload(chunk.expert, chunk.version)
+                    upload = await asyncio.to_thread(artifacts.begin_upload, chunk.expert, chunk.version)
                 except ValueError as e:
                     raise BadRequest(str(e)) from e
             try:
                 await asyncio.to_thread(upload.write, chunk.file, chunk.data)
             except ValueError as e:
                 raise BadRequest(str(e)) from e
+        # Ray's proxy ends the stream it hands the router when the client cancels, as if the
+        # upload were complete; what it sent is removed rather than checked.
+        cancelled = getattr(chunks, "is_cancelled", None)
+        if callable(cancelled) and cancelled():
+            raise UploadAbandoned("upload: the client cancelled; what it sent is removed", code="CANCELLED")
         if upload is None:
             raise BadRequest("the upload sent no chunks")
         try:
@@ -114,6 +140,7 @@ class RegistryService:
         self.artifacts = artifacts
         self.validate = validate
         self.config = config
+        self.locations = LocationPolicy(artifacts.root, config.allowed_sources, config.allowed_export_prefixes)
         self._snapshot: DesiredState | None = None
         self._changed = asyncio.Condition()
         self._poke = asyncio.Event()  # set after our own writes: re-read at once, not at the next poll
@@ -150,9 +177,32 @@ class RegistryService:
                 await asyncio.sleep(0.01 * (i + 1))
         raise AssertionError("unreachable")
 
+    # ---- request checks (before anything is read or written) --------------------------------
+
+    @staticmethod
+    def _name(field: str, value: str) -> str:
+        if not NAME_RE.fullmatch(value):
+            raise BadRequest(f"{field}: {quote(value)} is not an expert name (lowercase letters, digits, '_', '.', "
+                             "'-'; at most 63 characters)")
+        return value
+
+    def _text(self, field: str, value: str) -> str:
+        if len(value) > self.config.max_text_chars:
+            raise BadRequest(f"{field}: {quote(value)} is longer than registry.max_text_chars "
+                             f"({self.config.max_text_chars} characters)")
+        return value
+
+    def _uri(self, field: str, value: str) -> str:
+        if len(value) > self.config.max_uri_chars:
+            raise BadRequest(f"{field}: {quote(value)} is longer than registry.max_uri_chars "
+                             f"({self.config.max_uri_chars} characters)")
+        return value
+
     # ---- experts ---------------------------------------------------------------------------
 
     async def push(self, req: pb.PushExpertRequest) -> pb.PushExpertResponse:
+        self._uri("uri", req.uri)
+        self._text("who", req.who)
         # One trace per rollout: this span's context travels in the rollout record to every
         # replica, whose load and smoke test become its children.
         with tracing.span("registry.push", uri=req.uri, who=req.who or "unknown") as span:
@@ -165,10 +215,13 @@ class RegistryService:
             raise BadRequest("uri: give the artifact folder to push (an fsspec URI with manifest.json "
                              "and weights.safetensors)")
         policy = policy_from_pb(req.rollout)
+        # Decided on the URI's text before anything reads it (no fetch of a URL it names, no
+        # answer that depends on whether a path exists); the normalised form is what is read.
+        source = self.locations.source(req.uri)
         # Validate the source first (a replica loads it without serving it), so a refused
         # artifact never occupies a name@version in the store.
-        await self.validate(req.uri)
-        stored = await self._store_copy(req.uri)
+        await self.validate(source)
+        stored = await self._store_copy(source)
         name, version = stored.name, stored.version
         expected = req.expected_revision if req.HasField("expected_revision") else None
         who = req.who or "unknown"
@@ -187,7 +240,7 @@ class RegistryService:
                                            expected_rev=rev, who=who, make_desired=False, rollout=record), record
 
         rev, record = await self._with_cas(expected, name, attempt)
-        log.info("registered %s@%d (revision %d) from %s", name, version, rev, req.uri)
+        log.info("registered %s@%d (revision %d) from %s", name, version, rev, source)
         return pb.PushExpertResponse(expert=ipb.ExpertRef(name=name, version=version), revision=rev,
                                      stored_uri=stored.uri, rollout=rollout_to_pb(record, await self._live()))
 
@@ -207,8 +260,16 @@ class RegistryService:
                 return await asyncio.to_thread(self.artifacts.put, uri)
         except (ExpertError, ArtifactConflict) as e:
             raise ArtifactRefused(str(e)) from e
+        except (OSError, ValueError, ImportError) as e:  # unreadable source, a filesystem fsspec lacks
+            raise ArtifactRefused(f"uri: cannot copy {quote(uri)} into the artifact store: {e}") from e
 
     async def pop(self, req: pb.PopExpertRequest) -> pb.PopExpertResponse:
+        self._name("name", req.name)
+        self._text("who", req.who)
+        if req.wait_ms > self.config.max_wait_ms:
+            raise BadRequest(f"wait_ms: {req.wait_ms} is over registry.max_wait_ms ({self.config.max_wait_ms}); "
+                             "pop without waiting and follow `ccoe expert show` instead")
+        dest = self.locations.export_destination(self._uri("export_to", req.export_to)) if req.export_to else ""
         record = await self._io(self.store.expert, req.name)
         live_versions = [v.version for v in record.versions if v.state != "retired"]
         versions = [req.version] if req.version else live_versions
@@ -218,10 +279,9 @@ class RegistryService:
         if not versions:
             raise ExpertNotFound(f"expert {req.name!r} has no version left to pop (all are retired)")
         exported = ""
-        if req.export_to:
+        if dest:
             source = next(v for v in reversed(record.versions) if v.version == max(versions))
-            stored = await asyncio.to_thread(self.artifacts.export, source.uri, req.export_to)
-            exported = stored.uri
+            exported = (await self._export(source.uri, dest)).uri
 
         def attempt(rev: int) -> int:
             current = self.store.rollout(req.name)
@@ -238,6 +298,18 @@ class RegistryService:
         return pb.PopExpertResponse(retired=[ipb.ExpertRef(name=req.name, version=v) for v in versions],
                                     revision=rev, exported_to=exported, drained=drained)
 
+    async def _export(self, src: str, dest: str) -> StoredArtifact:
+        """A deep copy out of the store before the pop; a failure retires nothing."""
+        try:
+            return await asyncio.to_thread(self.artifacts.export, src, dest)
+        except ArtifactConflict:
+            raise
+        except ExpertError as e:
+            raise ArtifactRefused(f"export_to: the stored copy could not be exported: {e}") from e
+        except (OSError, ValueError, ImportError) as e:
+            raise ExportFailed(f"export_to: cannot write {quote(dest)}: {getattr(e, 'strerror', None) or e}; "
+                               "nothing was retired, choose another destination") from e
+
     async def _wait_until_gone(self, name: str, versions: set[int], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -248,6 +320,7 @@ class RegistryService:
         return False
 
     async def get(self, name: str) -> pb.ExpertInfo:
+        self._name("name", name)
         record = await self._io(self.store.expert, name)
         rollout = await self._io(self.store.rollout, name)
         return self._info(record, rollout, await self._live())
@@ -283,15 +356,22 @@ class RegistryService:
         return pb.RulesResponse(revision=rev, table_json="" if table is None else json.dumps(table, sort_keys=True))
 
     async def set_rules(self, req: pb.SetRulesRequest) -> pb.RulesResponse:
+        self._text("who", req.who)
+        limit = self.config.max_table_bytes
+        # Characters first: no encoding of a text already too long by its length alone.
+        if len(req.table) > limit or len(req.table.encode("utf-8", "surrogatepass")) > limit:
+            raise BadRequest(f"table: is over registry.max_table_bytes ({limit} bytes of UTF-8); split the table's "
+                             "rules or raise the limit")
+        limits = self.config.rule_limits
         try:
-            table = yaml.safe_load(req.table)
-        except yaml.YAMLError as e:
-            raise BadRequest(f"table: not valid YAML or JSON ({e})") from e
+            table = load_table_text(req.table, limits.max_depth)
+        except RuleTableError as e:
+            raise BadRequest(f"table: {e}") from e
         if not isinstance(table, dict):
             raise BadRequest(f"table: expected a mapping with a `rules` list, got {type(table).__name__}")
         known = set(await self._io(self.store.names))
         try:
-            RuleTable.from_dict(table, known)
+            RuleTable.from_dict(table, known, limits)
         except RuleTableError as e:
             raise BadRequest(str(e)) from e
         expected = req.expected_revision if req.HasField("expected_revision") else None
@@ -304,6 +384,8 @@ class RegistryService:
     # ---- rollouts --------------------------------------------------------------------------
 
     async def start_rollout(self, req: pb.StartRolloutRequest) -> pb.Rollout:
+        self._name("expert", req.expert)
+        self._text("who", req.who)
         policy = policy_from_pb(req.policy)
         version = await self._io(self.store.version, req.expert, req.version)
         if version.state == "retired":
@@ -328,6 +410,7 @@ class RegistryService:
         return rollout_to_pb(record, await self._live())
 
     async def get_rollout(self, expert: str) -> pb.Rollout:
+        self._name("expert", expert)
         record = await self._io(self.store.rollout, expert)
         if record is None:
             await self._io(self.store.expert, expert)  # NOT_FOUND naming an unknown expert
@@ -336,6 +419,9 @@ class RegistryService:
 
     async def rollback(self, req: pb.RollbackRequest) -> pb.Rollout:
         """Abort a rollout in progress; or roll the last finished one back to its from_version."""
+        self._name("expert", req.expert)
+        self._text("who", req.who)
+        self._text("reason", req.reason)
         who = req.who or "unknown"
         reason = req.reason or f"manual rollback by {who}"
 
@@ -409,6 +495,12 @@ class RegistryService:
     async def report(self, state: pb.ReplicaState) -> pb.ReportReplicaStateResponse:
         if not state.replica_id:
             raise BadRequest("replica_id: a report must name its replica")
+        self._text("replica_id", state.replica_id)
+        if len(state.loaded) + len(state.failures) > self.config.max_report_versions:
+            raise BadRequest(f"loaded, failures: {len(state.loaded)} + {len(state.failures)} entries, over "
+                             f"registry.max_report_versions ({self.config.max_report_versions})")
+        for i, failure in enumerate(state.failures):
+            self._text(f"failures[{i}].reason", failure.reason)
         body = {"loaded": [[v.name, v.version] for v in state.loaded],
                 "failures": [{"name": f.name, "version": f.version, "reason": f.reason} for f in state.failures],
                 "healthy": state.healthy, "memory_bytes": state.memory_bytes,
@@ -460,6 +552,7 @@ class RegistryService:
     async def watch(self, replica_id: str) -> AsyncIterator[pb.DesiredState]:
         """The full desired state for this watcher at once, then again whenever it changes
         (and at least every resync_s, so a watcher never trusts a stale picture for long)."""
+        self._text("replica_id", replica_id)
         if self._snapshot is None:
             self._snapshot = await self._io(self.store.desired_state)
         last, last_sent = None, 0.0
@@ -477,7 +570,8 @@ class RegistryService:
                     pass
 
     async def audit(self, limit: int) -> pb.ListAuditResponse:
-        entries = await self._io(self.store.audit, limit or 50)
+        # A page size: larger asks are lowered to the limit, as list APIs usually do.
+        entries = await self._io(self.store.audit, min(limit or 50, self.config.max_audit_entries))
         return pb.ListAuditResponse(entries=[
             pb.AuditEntry(id=e.id, at=e.at_ms / 1000, who=e.who, what=e.what, revision=e.rev,
                           detail_json=json.dumps(e.detail, sort_keys=True)) for e in entries])
@@ -489,7 +583,9 @@ class RegistryService:
         Versions already registered are left alone, so a restart changes nothing."""
         seeded = []
         for uri in uris:
-            stored = await asyncio.to_thread(self.artifacts.put, uri)
+            # The operator's own config: no allow-list and no quota (a full store must not keep
+            # the registry from starting with the experts it already serves).
+            stored = await asyncio.to_thread(functools.partial(self.artifacts.put, uri, enforce_quota=False))
             try:
                 current = await self._io(self.store.expert, stored.name)
                 if current.latest >= stored.version:

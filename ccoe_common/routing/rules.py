@@ -20,6 +20,15 @@ positions P come from each expert's manifest, so rules name experts only. Exampl
 Within `match`, every condition given must hold (AND); within one condition, any listed
 value may (OR). A rule with no condition never matches (refused at load: it would shadow
 everything below it). Conditions: domain, tenant, app (request metadata), keywords, regex.
+
+Matching never hangs the router (invariant 9). Regular expressions run on RE2, whose matching
+time is linear in the text whatever the pattern: Python's `re` backtracks, and `^(a+)+$`
+against 27 `a`s and a `b` froze a router for 6.8 s, doubling with each extra `a`. RE2 has no
+backreferences and no lookarounds; a pattern using them is refused at load, saying so. RE2's
+`\\b`, `\\w` and `\\d` are ASCII; case-insensitivity is Unicode. A table set through the
+registry also obeys `RuleLimits` (rules, values and regexes per rule, lengths, nesting depth),
+so one request costs at most rules x (regexes + 1) linear scans of its text (`ccoe bench rules`
+measures it).
 """
 
 from __future__ import annotations
@@ -30,11 +39,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import re2
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ccoe_common.errors import CCoEError
+from ccoe_common.errors import CCoEError, quote
 from ccoe_common.experts.reference import NAME_RE
+
+# libyaml's parser when PyYAML was built with it (its wheels are): the pure-Python scanner
+# takes time quadratic in the nesting depth (1.4 s for 1,000 nested '[', 14.5 s for 4,000),
+# while libyaml is linear and stops at 1,000 levels by itself.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_RE2_MAX_MEM = 8 << 20  # per pattern; a pattern RE2 cannot compile within it is refused
+# Python's \w for str is [\p{L}\p{N}_] (str.isalnum() or "_"); keywords keep that boundary.
+_NOT_WORD = r"[^\pL\pN_]"
+
+
+def _re2_options(capture: bool) -> re2.Options:
+    options = re2.Options()
+    options.case_sensitive = False
+    options.never_capture = not capture
+    options.max_mem = _RE2_MAX_MEM
+    options.log_errors = False  # a refused pattern is reported to the caller, not to stderr
+    return options
+
+
+_REGEX_OPTIONS = _re2_options(capture=False)
+_KEYWORD_OPTIONS = _re2_options(capture=True)
+REGEX_ENGINE: type = type(re2.compile("", _REGEX_OPTIONS))
+"""The type every rule regex is compiled to (RE2's); tests check it."""
 
 
 class RuleTableError(CCoEError, ValueError):
@@ -44,7 +77,24 @@ class RuleTableError(CCoEError, ValueError):
 
     def __init__(self, rule_id: str, reason: str):
         self.rule_id, self.reason = rule_id, reason
-        super().__init__(f"rule {rule_id!r}: {reason}" if rule_id else f"rule table: {reason}")
+        super().__init__(f"rule {quote(rule_id)}: {reason}" if rule_id else f"rule table: {reason}")
+
+
+class RuleLimits(BaseModel):
+    """How big a rule table set through the registry may be; each refusal names the limit,
+    e.g. "rule 'sql': regex 'SELECT …' (600 characters) is longer than
+    registry.rule_limits.max_regex_chars (512 characters)"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_rules: int = Field(256, ge=1, le=10_000, description="Most rules in one table.")
+    max_values_per_condition: int = Field(64, ge=1, le=10_000,
+                                          description="Most values in one domain, tenant, app or keywords list.")
+    max_value_chars: int = Field(128, ge=1, le=4096, description="Longest domain, tenant, app value or keyword.")
+    max_regexes_per_rule: int = Field(16, ge=1, le=1000, description="Most regular expressions in one rule.")
+    max_regex_chars: int = Field(512, ge=1, le=65536, description="Longest regular expression.")
+    max_depth: int = Field(8, ge=4, le=64, description="Deepest nesting of the table document (a normal table "
+                                                        "has 5 levels: table, rules, rule, match, list).")
 
 
 class Match(BaseModel):
@@ -54,7 +104,8 @@ class Match(BaseModel):
     tenant: tuple[str, ...] = Field((), description="Values of the request metadata 'tenant'.")
     app: tuple[str, ...] = Field((), description="Values of the request metadata 'app'.")
     keywords: tuple[str, ...] = Field((), description="Words or phrases, matched case-insensitively on word boundaries.")
-    regex: tuple[str, ...] = Field((), description="Python regular expressions searched in the request text.")
+    regex: tuple[str, ...] = Field((), description="RE2 regular expressions searched in the request text "
+                                                    "(case-insensitive; no backreferences or lookarounds).")
 
     def empty(self) -> bool:
         return not (self.domain or self.tenant or self.app or self.keywords or self.regex)
@@ -101,15 +152,74 @@ class RuleMatch:
 @dataclass(frozen=True)
 class _Compiled:
     rule: Rule
-    keyword_res: tuple[tuple[str, re.Pattern[str]], ...]
-    regexes: tuple[tuple[str, re.Pattern[str]], ...]
+    keywords: tuple[str, ...]  # non-empty keywords, in file order: group i+1 of keyword_re is keywords[i]
+    keyword_re: Any  # RE2, all keywords of the rule in one pattern; None without keywords
+    regexes: tuple[tuple[str, Any], ...]  # (pattern as written, RE2)
+
+
+def _compile_regex(rule_id: str, pattern: str) -> Any:
+    try:
+        return re2.compile(pattern, _REGEX_OPTIONS)
+    except re2.error as e:
+        reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError, OverflowError):
+            raise RuleTableError(rule_id, f"regex {quote(pattern)} does not compile: {reason}") from e
+        raise RuleTableError(rule_id, f"regex {quote(pattern)} is refused: {reason}. Rules run on RE2, which "
+                                      "matches in time linear in the text; it has no backreferences (\\1), "
+                                      "lookarounds ((?=…), (?!…), (?<=…), (?<!…)), atomic groups or possessive "
+                                      "quantifiers: rewrite the pattern without them") from e
+
+
+def _compile_keywords(rule_id: str, keywords: tuple[str, ...]) -> Any:
+    """One RE2 pattern for all of a rule's keywords: a scan of the text per rule, not per keyword.
+    Each keyword is a literal between non-word characters (or the text's ends), the boundary
+    Python's `(?<!\\w)keyword(?!\\w)` draws, and is its own group so a match names it; at one
+    position the first keyword in file order wins."""
+    if not keywords:
+        return None
+    alternatives = "|".join(f"({re2.escape(k)})" for k in keywords)
+    try:
+        return re2.compile(f"(?:^|{_NOT_WORD})(?:{alternatives})(?:{_NOT_WORD}|$)", _KEYWORD_OPTIONS)
+    except re2.error as e:
+        raise RuleTableError(rule_id, f"keywords do not fit in one pattern of {_RE2_MAX_MEM >> 20} MiB; "
+                                      "use fewer or shorter keywords") from e
+
+
+def _check_limits(spec: RuleTableSpec, limits: RuleLimits) -> None:
+    where = "registry.rule_limits"
+    if len(spec.rules) > limits.max_rules:
+        raise RuleTableError("", f"has {len(spec.rules)} rules; {where}.max_rules is {limits.max_rules}")
+    for rule in spec.rules:
+        m = rule.match
+        for name, values in (("domain", m.domain), ("tenant", m.tenant), ("app", m.app), ("keywords", m.keywords)):
+            if len(values) > limits.max_values_per_condition:
+                raise RuleTableError(rule.id, f"match.{name} has {len(values)} values; "
+                                              f"{where}.max_values_per_condition is {limits.max_values_per_condition}")
+            for value in values:
+                if len(value) > limits.max_value_chars:
+                    raise RuleTableError(rule.id, f"match.{name} value {quote(value, 32)} is longer than "
+                                                  f"{where}.max_value_chars ({limits.max_value_chars} characters)")
+        if len(m.regex) > limits.max_regexes_per_rule:
+            raise RuleTableError(rule.id, f"match.regex has {len(m.regex)} patterns; "
+                                          f"{where}.max_regexes_per_rule is {limits.max_regexes_per_rule}")
+        for pattern in m.regex:
+            if len(pattern) > limits.max_regex_chars:
+                raise RuleTableError(rule.id, f"regex {quote(pattern, 32)} is longer than "
+                                              f"{where}.max_regex_chars ({limits.max_regex_chars} characters)")
 
 
 class RuleTable:
-    """A loaded, validated table. Immutable: a reload builds a new one and swaps it in."""
+    """A loaded, validated table. Immutable: a reload builds a new one and swaps it in.
+    `limits` applies to tables from clients (SetRules); files and tables the registry already
+    accepted are loaded without them."""
 
-    def __init__(self, spec: RuleTableSpec, known_experts: set[str] | None = None):
+    def __init__(self, spec: RuleTableSpec, known_experts: set[str] | None = None,
+                 limits: RuleLimits | None = None):
         self.spec = spec
+        if limits is not None:
+            _check_limits(spec, limits)
         seen: set[str] = set()
         compiled = []
         for rule in spec.rules:
@@ -125,16 +235,11 @@ class RuleTable:
                                               "use `default` for a catch-all")
             for name in rule.experts:
                 _check_expert(rule.id, name, known_experts)
-            regexes = []
-            for pattern in rule.match.regex:
-                try:
-                    regexes.append((pattern, re.compile(pattern, re.IGNORECASE)))
-                except re.error as e:
-                    raise RuleTableError(rule.id, f"regex {pattern!r} does not compile: {e}") from e
-            keywords = tuple(
-                (k, re.compile(rf"(?<!\w){re.escape(k)}(?!\w)", re.IGNORECASE)) for k in rule.match.keywords if k
-            )
-            compiled.append(_Compiled(rule, keywords, tuple(regexes)))
+            if "" in rule.match.keywords:
+                raise RuleTableError(rule.id, "match.keywords holds an empty string, which would match every text")
+            regexes = tuple((pattern, _compile_regex(rule.id, pattern)) for pattern in rule.match.regex)
+            keywords = rule.match.keywords
+            compiled.append(_Compiled(rule, keywords, _compile_keywords(rule.id, keywords), regexes))
         if spec.default.expert is not None:
             _check_expert("default", spec.default.expert, known_experts)
         # Stable sort: equal priorities keep their order in the file.
@@ -148,11 +253,18 @@ class RuleTable:
     def default_expert(self) -> str | None:
         return self.spec.default.expert
 
+    def regexes(self, rule_id: str) -> tuple[Any, ...]:
+        """The compiled regular expressions of one rule (each a REGEX_ENGINE)."""
+        return next(tuple(rx for _, rx in c.regexes) for c in self._rules if c.rule.id == rule_id)
+
     def match(self, text: str, domain: str = "", metadata: dict[str, str] | None = None) -> RuleMatch | None:
         """The first rule (by priority) whose conditions all hold, or None."""
         metadata = metadata or {}
+        # RE2 works on UTF-8; encoding once here, not in every search, saves a copy of the
+        # text per pattern (the wrapper encodes a str on each call).
+        data = text.encode("utf-8", "surrogatepass")
         for c in self._rules:
-            reasons = _conditions_hold(c, text, domain, metadata)
+            reasons = _conditions_hold(c, data, domain, metadata)
             if reasons is not None:
                 return RuleMatch(c.rule.id, c.rule.experts, "; ".join(reasons))
         return None
@@ -161,7 +273,8 @@ class RuleTable:
         return self.spec.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, data: Any, known_experts: set[str] | None = None) -> RuleTable:
+    def from_dict(cls, data: Any, known_experts: set[str] | None = None,
+                  limits: RuleLimits | None = None) -> RuleTable:
         if not isinstance(data, dict):
             raise RuleTableError("", f"expected a mapping with version, default and rules; got {type(data).__name__}")
         try:
@@ -176,16 +289,16 @@ class RuleTable:
                 rule_id = str(raw.get("id", f"#{loc[1]}")) if isinstance(raw, dict) else f"#{loc[1]}"
                 loc = loc[2:]
             where = ".".join(map(str, loc)) or "rule"
+            if len(where) > 100:  # a key of the table's own (an unknown field) can be any length
+                where = where[:100] + "…"
             raise RuleTableError(rule_id, f"{where}: {err['msg']}") from e
-        return cls(spec, known_experts)
+        return cls(spec, known_experts, limits)
 
     @classmethod
-    def from_text(cls, text: str, known_experts: set[str] | None = None) -> RuleTable:
-        try:
-            data = yaml.safe_load(text) if text.strip() else {}
-        except yaml.YAMLError as e:
-            raise RuleTableError("", f"not valid YAML/JSON: {e}") from e
-        return cls.from_dict(data, known_experts)
+    def from_text(cls, text: str, known_experts: set[str] | None = None,
+                  limits: RuleLimits | None = None) -> RuleTable:
+        data = load_table_text(text, (limits or RuleLimits()).max_depth)
+        return cls.from_dict(data, known_experts, limits)
 
     @classmethod
     def from_file(cls, path: str | Path, known_experts: set[str] | None = None) -> RuleTable:
@@ -199,6 +312,56 @@ class RuleTable:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def load_table_text(text: str, max_depth: int) -> Any:
+    """A table's YAML or JSON text as plain data (dicts, lists, strings, numbers, booleans,
+    None). Refused with RuleTableError before anything is built: nesting deeper than
+    `max_depth` (a thousand nested '[' made the composer raise RecursionError, an INTERNAL),
+    YAML aliases (a few lines of them expand into gigabytes once the table is copied or
+    serialised), and values JSON cannot hold (timestamps, binary)."""
+    if not text.strip():
+        return {}
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=_YAML_LOADER):
+            if isinstance(event, yaml.AliasEvent):
+                raise RuleTableError("", f"uses the YAML alias *{event.anchor}; write the value out (aliases are "
+                                         "refused: they multiply a table's size)")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > max_depth:
+                    raise RuleTableError("", f"nests deeper than {max_depth} levels (registry.rule_limits.max_depth); "
+                                             "a table needs 5: table, rules, rule, match, list")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        data = yaml.load(text, Loader=_YAML_LOADER)  # a safe loader: CSafeLoader or SafeLoader
+    except yaml.YAMLError as e:
+        raise RuleTableError("", f"not valid YAML/JSON: {_short_yaml_error(e)}") from e
+    _check_plain(data, "table")
+    return data
+
+
+def _short_yaml_error(error: yaml.YAMLError) -> str:
+    # PyYAML's messages quote the offending line; a table's line can be megabytes long.
+    return quote(" ".join(str(error).split()), 300)
+
+
+def _check_plain(data: Any, where: str) -> None:
+    """Only what JSON can hold, so the registry can store the table as JSON."""
+    stack = [(data, where)]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise RuleTableError("", f"{at}: key {quote(k)} is a {type(k).__name__}; keys must be strings")
+                stack.append((v, f"{at}.{k}"))
+        elif isinstance(value, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(value))
+        elif not (value is None or isinstance(value, (str, int, float, bool))):
+            raise RuleTableError("", f"{at}: {type(value).__name__} values are not allowed (quote it to make it a "
+                                     "string)")
+
+
 def _check_expert(rule_id: str, name: str, known: set[str] | None) -> None:
     if not NAME_RE.match(name):
         raise RuleTableError(rule_id, f"expert name {name!r} is not a valid expert name")
@@ -206,7 +369,7 @@ def _check_expert(rule_id: str, name: str, known: set[str] | None) -> None:
         raise RuleTableError(rule_id, f"unknown expert {name!r}; known experts: {sorted(known) or 'none'}")
 
 
-def _conditions_hold(c: _Compiled, text: str, domain: str, metadata: dict[str, str]) -> list[str] | None:
+def _conditions_hold(c: _Compiled, text: bytes, domain: str, metadata: dict[str, str]) -> list[str] | None:
     m = c.rule.match
     reasons = []
     if m.domain:
@@ -219,10 +382,11 @@ def _conditions_hold(c: _Compiled, text: str, domain: str, metadata: dict[str, s
             if value not in allowed:
                 return None
             reasons.append(f"{key} {value!r} in {list(allowed)}")
-    if c.keyword_res:
-        hit = next((k for k, rx in c.keyword_res if rx.search(text)), None)
-        if hit is None:
+    if c.keyword_re is not None:
+        found = c.keyword_re.search(text)
+        if found is None:
             return None
+        hit = next(k for k, g in zip(c.keywords, found.groups()) if g is not None)
         reasons.append(f"keyword {hit!r}")
     if c.regexes:
         hit = next((p for p, rx in c.regexes if rx.search(text)), None)

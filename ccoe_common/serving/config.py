@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ccoe_common.auth.config import AuthConfig
 from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DEFAULT_GRPC_PORT
 from ccoe_common.engine.engine import EngineConfig
+from ccoe_common.engine.params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from ccoe_common.errors import CCoEError
 from ccoe_common.registry.config import RegistryConfig
 from ccoe_common.telemetry.config import TelemetryConfig
@@ -60,10 +61,30 @@ class ReplicaConfig(BaseModel):
 
 
 class RouterConfig(BaseModel):
+    """The router's settings, with the limits every GenerateRequest is checked against before it
+    is routed (INVALID_ARGUMENT naming the field and the setting, e.g. `metadata: 65 keys, over
+    router.max_metadata_keys (64)`). They bound what one request costs the router: an 8 MiB
+    domain tag and 200,000 metadata keys were accepted before."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_replicas: int = Field(1, ge=1, le=64, description="Router processes.")
-    max_prompt_chars: int = Field(200_000, ge=1, description="Longer prompts are refused with INVALID_ARGUMENT.")
+    max_prompt_chars: int = Field(200_000, ge=1, description="Longer prompts (all chat messages with their roles, "
+                                                             "together) are refused with INVALID_ARGUMENT.")
+    max_messages: int = Field(1024, ge=1, le=1_000_000, description="Most chat messages in one request.")
+    max_metadata_keys: int = Field(64, ge=0, le=10_000, description="Most keys in a request's metadata map.")
+    max_metadata_key_chars: int = Field(128, ge=1, le=65_536, description="Longest metadata key.")
+    max_metadata_value_chars: int = Field(4096, ge=1, le=1 << 20, description="Longest metadata value.")
+    max_metadata_bytes: int = Field(16_384, ge=1, le=16 << 20,
+                                    description="Most UTF-8 bytes in all metadata keys and values together.")
+    max_domain_chars: int = Field(128, ge=1, le=65_536, description="Longest domain tag.")
+    max_stop_strings: int = Field(MAX_STOP_STRINGS, ge=0, le=MAX_STOP_STRINGS,
+                                  description="Most stop strings in one request (the engine allows at most "
+                                              f"{MAX_STOP_STRINGS}).")
+    max_stop_chars: int = Field(MAX_STOP_STRING_CHARS, ge=1, le=MAX_STOP_STRING_CHARS,
+                                description="Longest stop string (the engine allows at most "
+                                            f"{MAX_STOP_STRING_CHARS} characters).")
+    max_request_id_chars: int = Field(128, ge=1, le=4096, description="Longest request_id.")
     max_fanout: int = Field(4, ge=1, le=16, description="Most experts one rule may consult at once.")
     rules_check_interval_s: float = Field(1.0, gt=0, description="How often the rules file is checked for changes.")
 

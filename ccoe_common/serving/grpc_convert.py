@@ -1,14 +1,16 @@
-"""ccoe.v1 messages <-> engine requests and results. Validation names the proto field."""
+"""ccoe.v1 messages <-> engine requests and results. Validation names the proto field and, for a
+limit, the setting (RouterConfig), and quotes at most a short prefix of a bad value."""
 
 from __future__ import annotations
 
 import uuid
 
 from ccoe_common.engine.params import GenerationRequest, SamplingParams, Usage
-from ccoe_common.errors import InvalidRequest
+from ccoe_common.errors import InvalidRequest, quote
+from ccoe_common.experts.reference import NAME_RE
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.routing.resolve import Route, RouteQuery
-from ccoe_common.serving.grpc_servicers import DECODE_ERROR_KEY
+from ccoe_common.pb.lenient import Undecodable
 from ccoe_common.serving.config import RouterConfig
 
 _TEMPLATES = {pb.RAW: "raw", pb.ALPACA: "alpaca", pb.CHAT: "chat"}
@@ -17,10 +19,50 @@ _MODES = {pb.ROUTING_MODE_UNSPECIFIED: "AUTO", pb.AUTO: "AUTO", pb.RULES: "RULES
 DEFAULT_MAX_TOKENS = 64
 
 
+def _check_limits(req: pb.GenerateRequest, limits: RouterConfig) -> None:
+    """The size limits, before anything else reads the fields they bound."""
+    metadata = req.metadata
+    if len(metadata) > limits.max_metadata_keys:
+        raise InvalidRequest("metadata", f"{len(metadata)} keys, over router.max_metadata_keys "
+                                         f"({limits.max_metadata_keys})")
+    total = 0
+    for key, value in metadata.items():
+        if len(key) > limits.max_metadata_key_chars:
+            raise InvalidRequest("metadata", f"key {quote(key)} is longer than router.max_metadata_key_chars "
+                                             f"({limits.max_metadata_key_chars})")
+        if len(value) > limits.max_metadata_value_chars:
+            raise InvalidRequest(f"metadata[{quote(key, 32)}]", f"value {quote(value)} is longer than "
+                                 f"router.max_metadata_value_chars ({limits.max_metadata_value_chars})")
+        total += len(key.encode()) + len(value.encode())
+    if total > limits.max_metadata_bytes:
+        raise InvalidRequest("metadata", f"{total} bytes of keys and values, over router.max_metadata_bytes "
+                                         f"({limits.max_metadata_bytes})")
+    if len(req.domain) > limits.max_domain_chars:
+        raise InvalidRequest("domain", f"{quote(req.domain)} is longer than router.max_domain_chars "
+                                       f"({limits.max_domain_chars})")
+    if len(req.stop) > limits.max_stop_strings:
+        raise InvalidRequest("stop", f"{len(req.stop)} strings, over router.max_stop_strings "
+                                     f"({limits.max_stop_strings})")
+    for i, stop in enumerate(req.stop):
+        if not stop or len(stop) > limits.max_stop_chars:
+            raise InvalidRequest(f"stop[{i}]", f"{quote(stop)} must be 1 to {limits.max_stop_chars} characters "
+                                               "(router.max_stop_chars)")
+    if len(req.request_id) > limits.max_request_id_chars:
+        raise InvalidRequest("request_id", f"{quote(req.request_id)} is longer than router.max_request_id_chars "
+                                           f"({limits.max_request_id_chars})")
+    if req.expert.name and not NAME_RE.fullmatch(req.expert.name):
+        raise InvalidRequest("expert.name", f"{quote(req.expert.name)} is not an expert name (lowercase letters, "
+                                            "digits, '_', '.', '-'; at most 63 characters)")
+    if req.WhichOneof("input") == "messages" and len(req.messages.messages) > limits.max_messages:
+        raise InvalidRequest("messages", f"{len(req.messages.messages)} messages, over router.max_messages "
+                                         f"({limits.max_messages})")
+
+
 def parse_request(req: pb.GenerateRequest, limits: RouterConfig) -> tuple[RouteQuery, GenerationRequest]:
     """The routing query and a base engine request (expert filled in per route later)."""
-    if DECODE_ERROR_KEY in req.metadata:
-        raise InvalidRequest("request", f"is not a valid ccoe.v1.GenerateRequest: {req.metadata[DECODE_ERROR_KEY]}")
+    if isinstance(req, Undecodable):  # answered at the gRPC edge already; kept for any other way in
+        raise InvalidRequest("request", req.reason)
+    _check_limits(req, limits)
     which = req.WhichOneof("input")
     if which is None:
         raise InvalidRequest("prompt", "give prompt or messages")
@@ -34,8 +76,12 @@ def parse_request(req: pb.GenerateRequest, limits: RouterConfig) -> tuple[RouteQ
         if not messages:
             raise InvalidRequest("messages", "must hold at least one message")
         text = "\n".join(m["content"] for m in messages)
-    if len(text) > limits.max_prompt_chars:
-        raise InvalidRequest("prompt", f"has {len(text)} characters; the limit is {limits.max_prompt_chars}")
+    # Roles count too: the chat template renders them, and they have no limit of their own.
+    chars = len(text) + (sum(len(m["role"]) for m in messages) if messages is not None else 0)
+    if chars > limits.max_prompt_chars:
+        field = "prompt" if messages is None else "messages"
+        raise InvalidRequest(field, f"has {chars} characters; the limit is {limits.max_prompt_chars} "
+                                    "(router.max_prompt_chars)")
     if req.template not in (pb.TEMPLATE_UNSPECIFIED, *_TEMPLATES):
         raise InvalidRequest("template", f"unknown value {req.template}")
     template = _TEMPLATES.get(req.template) or ("chat" if messages is not None else "raw")
@@ -54,8 +100,6 @@ def parse_request(req: pb.GenerateRequest, limits: RouterConfig) -> tuple[RouteQ
         stop=tuple(req.stop),
     )
     request_id = req.request_id or uuid.uuid4().hex
-    if len(request_id) > 128:
-        raise InvalidRequest("request_id", f"has {len(request_id)} characters; at most 128")
     metadata = dict(req.metadata)
     query = RouteQuery(
         text=text,

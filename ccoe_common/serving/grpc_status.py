@@ -9,6 +9,20 @@ import grpc
 from ccoe_common.serving.router_core import status_of
 
 log = logging.getLogger(__name__)
+# gRPC sends the message in a trailer, percent-encoded (up to 3 bytes per UTF-8 byte), and a
+# client refuses trailers over 8 KiB (grpc.max_metadata_size): a longer message reaches the
+# client as `RESOURCE_EXHAUSTED: Stream removed` instead of the error. Messages quote short
+# prefixes of bad values (ccoe_common.errors.quote); this cap catches the rest.
+MAX_DETAILS_BYTES = 1024
+
+
+def clip_details(text: str, max_bytes: int = MAX_DETAILS_BYTES) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8 (on a character boundary), saying it was cut."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= max_bytes:
+        return text
+    marker = f"… ({len(raw)} bytes, cut)"
+    return raw[:max_bytes - len(marker.encode())].decode("utf-8", "ignore") + marker
 
 
 def apply_error(grpc_context, error: BaseException) -> None:
@@ -17,7 +31,7 @@ def apply_error(grpc_context, error: BaseException) -> None:
     if status.code == "INTERNAL":
         log.error("request failed", exc_info=error)  # the one place a traceback is logged
     grpc_context.set_code(getattr(grpc.StatusCode, status.code, grpc.StatusCode.INTERNAL))
-    grpc_context.set_details(str(status))
+    grpc_context.set_details(clip_details(str(status)))
     if status.retryable:
         retry_ms = int((status.retry_after_s or 1.0) * 1000)
         grpc_context.set_trailing_metadata([("retry-after-ms", str(retry_ms))])

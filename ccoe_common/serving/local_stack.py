@@ -1,8 +1,13 @@
-"""The local stack: a local Ray, a Redis it starts itself (unless one is configured), and the
-app deployed behind Ray Serve's gRPC proxy on loopback.
+"""The local stack: a local Ray (its own token auth on), a Redis it starts itself (unless one
+is configured), and the app deployed behind Ray Serve's gRPC proxy.
 
-    with LocalStack(config) as stack:
-        channel = grpc.insecure_channel(stack.address)
+    with LocalStack(config) as stack:                 # config.auth = {mode: token}
+        stub = InferenceStub(stack.inference_channel())
+        with stack.registry_client() as registry: ...
+
+With `auth: {mode: token}` the stack mints two tokens for its run — one with role admin, one
+with role inference — into a session tokens file beside the configured one, and forgets them
+when it stops.
 """
 
 from __future__ import annotations
@@ -15,10 +20,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
+
+from ccoe_common.auth.client import authorized_channel
+from ccoe_common.auth.config import NO_AUTH_SECTION
+from ccoe_common.auth.tokens import TokenEntry, mint_token, token_hash
 from ccoe_common.ports import free_port
 from ccoe_common.registry.redis_server import RedisServer
-from ccoe_common.serving.config import AppConfig
+from ccoe_common.registry.client import RegistryClient
+from ccoe_common.serving.config import AppConfig, ConfigError
 from ccoe_common.serving.grpc_servicers import GRPC_SERVICERS
+from ccoe_common.serving.ray_auth import enable_ray_token_auth
 
 log = logging.getLogger(__name__)
 APP_NAME = "ccoe"
@@ -49,7 +61,31 @@ class LocalStack:
         self.redis: RedisServer | None = None
         self.redis_url = config.redis_url
         self.metrics_port = free_port()
+        self.ray_token_auth = False
         self._artifacts: tempfile.TemporaryDirectory | None = None
+        self._session: tempfile.TemporaryDirectory | None = None
+        self.admin_token: str | None = None  # role admin, for this run only (None with auth mode none)
+        self.inference_token: str | None = None  # role inference, for this run only
+
+    def inference_channel(self) -> grpc.Channel:
+        """A channel to the app whose calls carry this run's inference token."""
+        return authorized_channel(self.address, self.inference_token)
+
+    def registry_client(self, **kwargs: Any) -> RegistryClient:
+        """A registry client carrying this run's admin token."""
+        return RegistryClient(self.address, token=self.admin_token, **kwargs)
+
+    def _mint_session_tokens(self, config: AppConfig) -> AppConfig:
+        self._session = tempfile.TemporaryDirectory(prefix="ccoe-session-")
+        self.admin_token, self.inference_token = mint_token(), mint_token()
+        path = os.path.join(self._session.name, "tokens.yaml")
+        entries = [TokenEntry(name="local-admin", sha256=token_hash(self.admin_token), roles=("admin",)),
+                   TokenEntry(name="local-app", sha256=token_hash(self.inference_token), roles=("inference",))]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(e.line() + "\n" for e in entries))
+        auth = config.auth.model_copy(update={"session_tokens_file": path})
+        return config.model_copy(update={"auth": auth})
 
     @property
     def address(self) -> str:
@@ -61,18 +97,25 @@ class LocalStack:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self) -> LocalStack:
+        # Ray's own servers listen on every interface (Ray has no option to bind them to
+        # loopback); its token auth keeps other users of the host out of this cluster.
+        self.ray_token_auth = enable_ray_token_auth()  # before anything here imports ray
         import ray
         from ray import serve
         from ray.serve.config import gRPCOptions
 
         build_app = import_attr(self.builder)  # a wrong path fails before anything starts
+        if self.config.auth is None:
+            raise ConfigError(NO_AUTH_SECTION)
+        if self.config.auth.mode == "none":
+            log.warning("auth.mode is none: anyone who reaches port %d may call every method, registry writes "
+                        "included; Ray Serve's gRPC proxy listens on every interface ([::]:%d)",
+                        self.grpc_port, self.grpc_port)
         started = time.monotonic()
         if self.redis_url is None:
             self.redis = RedisServer().start()
             self.redis_url = self.redis.url
             log.info("started redis-server at %s", self.redis_url)
-        # Ray's token auth guards multi-user clusters; this cluster lives and dies with us.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if not ray.is_initialized():
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace=APP_NAME,
                      logging_level=logging.WARNING, log_to_driver=False,
@@ -85,6 +128,8 @@ class LocalStack:
             grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
         )
         config = self.config.model_copy(update={"redis_url": self.redis_url})
+        if config.auth is not None and config.auth.mode == "token":
+            config = self._mint_session_tokens(config)
         if self.redis is not None and "artifact_store" not in config.registry.model_fields_set:
             # A Redis of our own starts empty; so does the artifact store that goes with it.
             self._artifacts = tempfile.TemporaryDirectory(prefix="ccoe-artifacts-")
@@ -115,6 +160,10 @@ class LocalStack:
             if self._artifacts is not None:
                 self._artifacts.cleanup()
                 self._artifacts = None
+            if self._session is not None:
+                self._session.cleanup()
+                self._session = None
+                self.admin_token = self.inference_token = None
 
     def __enter__(self) -> LocalStack:
         try:

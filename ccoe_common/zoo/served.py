@@ -12,12 +12,10 @@ from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import grpc
 import yaml
 
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
-from ccoe_common.registry.client import RegistryClient
 from ccoe_common.ports import free_port
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
@@ -40,15 +38,15 @@ def zoo_stack(backbone: str, expert_uris: dict[str, str], rules: ZooRules, *, wh
               say: Callable[[str], None] = lambda _: None) -> Iterator[inference_pb2_grpc.InferenceStub]:
     """The local stack on the zoo's backbone, every expert pushed through the registry and
     live, the rule table set there; yields an Inference stub."""
-    config = AppConfig.load({"backbone": backbone,
+    config = AppConfig.load({"backbone": backbone, "auth": {"mode": "token"},
                              "replica": {"engine": {"max_running": 16, "max_waiting": 256, "max_seq_len": 512}}})
-    with LocalStack(config, grpc_port=free_port()) as stack, RegistryClient(stack.address) as registry:
+    with LocalStack(config, grpc_port=free_port()) as stack, stack.registry_client() as registry:
         for name, uri in expert_uris.items():
             pushed = registry.push(uri, who=who)
             done = registry.wait_rollout(name, pushed.rollout.id, timeout_s=300)
             say(f"  pushed {name}@{pushed.expert.version}: live in {done.finished_at - done.started_at:.2f}s")
         registry.set_rules(yaml.safe_dump(routing_table(rules)), who=who)
-        channel = grpc.insecure_channel(stack.address)
+        channel = stack.inference_channel()
         try:
             stub = inference_pb2_grpc.InferenceStub(channel)
             _wait_for_rules(stub, rules)

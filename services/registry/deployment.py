@@ -38,7 +38,7 @@ class Registry:
                               retry_on_timeout=True)
         self.app_name = serve.get_replica_context().app_name
         tracing.setup_tracing(self.config.telemetry)
-        self.service = RegistryService(RegistryStore(client), ArtifactStore(self.config.registry.artifact_store),
+        self.service = RegistryService(RegistryStore(client), ArtifactStore.from_config(self.config.registry),
                                        self._validate, self.config.registry, Metrics())
         seeded = await self.service.seed(self.config.experts)
         if seeded:

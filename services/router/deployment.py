@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from ccoe_common.auth.guard import INFERENCE, REGISTRY, Guard
 from ccoe_common.engine.params import GenerationRequest
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import registry_pb2 as rpb
@@ -50,6 +51,7 @@ class Router:
         self.replica = replica
         self.registry = registry
         cfg = AppConfig.load(config)
+        self.guard = Guard.from_config(cfg.auth)  # a missing or broken auth section stops the app here
         self.core = RouterCore(cfg, HandleReplicaClient(replica))
         self.artifacts = ArtifactStore(cfg.registry.artifact_store)
         self.core.refresh_view = self._refresh
@@ -76,9 +78,15 @@ class Router:
             await asyncio.sleep(0.5)
             stream = watch_desired_state(self.registry)
 
+    def _admit(self, method: str, request: pb.GenerateRequest, metadata: dict[str, str]) -> None:
+        principal = self.guard.check(f"{INFERENCE}/{method}", metadata)
+        self.guard.bind_tenant(principal, request.metadata)
+
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
-            return await self.core.generate(request, metadata_of(grpc_context))
+            metadata = metadata_of(grpc_context)
+            self._admit("Generate", request, metadata)
+            return await self.core.generate(request, metadata)
         except Exception as e:  # noqa: BLE001 - the gRPC edge: every failure becomes a status
             apply_error(grpc_context, e)
             return pb.GenerateResponse()
@@ -86,7 +94,9 @@ class Router:
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context=None) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
-            async for message in self.core.generate_stream(request, metadata_of(grpc_context)):
+            metadata = metadata_of(grpc_context)
+            self._admit("GenerateStream", request, metadata)
+            async for message in self.core.generate_stream(request, metadata):
                 yield message
         except Exception as e:  # noqa: BLE001 - the gRPC edge
             # Ray applies a stream's status only with a message or an exception: re-raising
@@ -98,6 +108,8 @@ class Router:
 
     async def _control(self, method: str, request, grpc_context, empty):
         try:
+            principal = self.guard.check(f"{REGISTRY}/{method}", metadata_of(grpc_context))
+            self.guard.stamp_who(principal, request)
             return await getattr(self.registry, method).remote(request)
         except Exception as e:  # noqa: BLE001 - the gRPC edge
             apply_error(grpc_context, e)
@@ -110,6 +122,7 @@ class Router:
                              grpc_context=None) -> rpb.UploadArtifactResponse:
         # Bytes go straight into the shared artifact store: a stream cannot cross a handle.
         try:
+            self.guard.check(f"{REGISTRY}/UploadArtifact", metadata_of(grpc_context))
             return await receive_upload(self.artifacts, chunks)
         except Exception as e:  # noqa: BLE001 - the gRPC edge
             apply_error(grpc_context, e)
@@ -148,6 +161,7 @@ class Router:
     async def WatchDesiredState(self, request: rpb.WatchDesiredStateRequest,
                                 grpc_context=None) -> AsyncIterator[rpb.DesiredState]:
         try:
+            self.guard.check(f"{REGISTRY}/WatchDesiredState", metadata_of(grpc_context))
             async for message in watch_desired_state(self.registry, request.replica_id):
                 yield message
         except Exception as e:  # noqa: BLE001 - the gRPC edge

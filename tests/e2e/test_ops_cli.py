@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.experts.artifact import read_artifact, write_artifact
 from ccoe_common.ports import free_port
 from ccoe_common.serving.config import AppConfig
@@ -38,8 +38,11 @@ rules:
 """
 
 
-def ccoe(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
+def ccoe(*args: str, expect: int = 0, token: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CCOE_DEVICE": "cpu"}
+    env.pop("CCOE_TOKEN", None)
+    if token is not None:
+        env["CCOE_TOKEN"] = token
     proc = subprocess.run([CCOE, *args], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == expect, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -54,7 +57,11 @@ def stack(tmp_path_factory):
         "backbone": str(demo_backbone(work)),
         "experts": [uris["math"], uris["sql"]],
         "replica": {"num_replicas": 2},
-        "registry": {"artifact_store": str(work / "store")},
+        "auth": {"mode": "token"},
+        # Versions are pushed from, and exported to, each test's tmp_path.
+        "registry": {"artifact_store": str(work / "store"),
+                     "allowed_sources": [str(tmp_path_factory.getbasetemp())],
+                     "allowed_export_prefixes": [str(tmp_path_factory.getbasetemp())]},
     })
     with LocalStack(config, grpc_port=free_port()) as st:
         st.law_uri = uris["law"]
@@ -62,7 +69,7 @@ def stack(tmp_path_factory):
 
 
 def ops(stack, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    return ccoe(*args, "--registry", stack.address, expect=expect)
+    return ccoe(*args, "--registry", stack.address, expect=expect, token=stack.admin_token)
 
 
 def ops_json(stack, *args: str) -> dict:
@@ -78,6 +85,25 @@ def ops_reads(stack, *commands: tuple[str, ...]) -> list[subprocess.CompletedPro
 def test_unreachable_registry_is_one_line_and_exit_1():
     proc = ccoe("expert", "list", "--registry", f"127.0.0.1:{free_port()}", expect=1)
     assert "error: UNAVAILABLE:" in proc.stderr and "--registry" in proc.stderr
+
+
+@pytest.mark.parametrize("token, status", [(None, "UNAUTHENTICATED"), ("ccoe_not-a-token", "UNAUTHENTICATED"),
+                                           ("inference", "PERMISSION_DENIED")])
+def test_a_missing_or_refused_token_is_one_line_and_exit_2(stack, token, status):
+    token = stack.inference_token if token == "inference" else token
+    proc = ccoe("expert", "list", "--registry", stack.address, expect=2, token=token)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ccoe expert: error: {status}:"), proc.stderr
+
+
+def test_the_token_can_come_from_a_file(stack, tmp_path):
+    path = tmp_path / "token"
+    path.write_text(stack.admin_token + "\n")
+    listed = json.loads(ccoe("expert", "list", "--registry", stack.address, "--token-file", str(path), "--json",
+                             token="ccoe_wrong").stdout)  # the file wins over CCOE_TOKEN
+    assert {e["name"] for e in listed["experts"]} >= {"math", "sql"}
+    proc = ccoe("expert", "list", "--registry", stack.address, "--token-file", str(tmp_path / "nope"), expect=2)
+    assert "--token-file" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_push_uploads_with_a_progress_bar_and_waits_until_live(stack):
@@ -193,7 +219,8 @@ def test_audit_tells_the_story_in_order(stack):
              and e["detail"].get("expert", "law") == "law"]
     assert story == ["push", "set_rules", "push", "rollout_start", "rollback", "retire"]
     law_push = next(e for e in entries if e["what"] == "push" and e["detail"]["expert"] == "law")
-    assert law_push["who"] and law_push["time"] and law_push["detail"]["version"] == 1
+    # The authenticated principal (the stack's minted admin token), whatever --who or $USER say.
+    assert law_push["who"] == "local-admin" and law_push["time"] and law_push["detail"]["version"] == 1
     assert [e["revision"] for e in entries] == sorted(e["revision"] for e in entries)
     table = ops(stack, "audit").stdout
     assert "retire" in table and "set_rules" in table and "who" in table.splitlines()[0]

@@ -16,7 +16,7 @@ import grpc
 import pytest
 import redis
 
-from ccoe_common.cli.demo_assets import demo_backbone, demo_experts, nudge
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts, nudge
 from ccoe_common.model import CCoEModel
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
@@ -50,7 +50,9 @@ def stack(work, redis_server):
         "experts": [uris["math"]],
         "redis_url": redis_server.url,
         "replica": {"num_replicas": 2, "engine": {"max_seq_len": 256, "max_running": 4, "max_waiting": 32}},
-        "registry": {"artifact_store": str(work / "store"), "heartbeat_ttl_s": TTL_S},
+        "auth": {"mode": "token"},
+        "registry": {"artifact_store": str(work / "store"), "heartbeat_ttl_s": TTL_S,
+                     "allowed_sources": [str(work)]},
     })
     with LocalStack(config, grpc_port=free_port()) as st:
         yield st
@@ -63,13 +65,13 @@ def model(work) -> CCoEModel:
 
 @pytest.fixture(scope="module")
 def registry(stack):
-    with RegistryClient(stack.address, timeout_s=120) as client:
+    with stack.registry_client(timeout_s=120) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def stub(stack):
-    channel = grpc.insecure_channel(stack.address)
+    channel = stack.inference_channel()
     yield inference_pb2_grpc.InferenceStub(channel)
     channel.close()
 
@@ -107,15 +109,15 @@ def wait_for(predicate, timeout_s: float, what: str):
 class Load:
     """Clients streaming requests for `math` (by name) until stopped; records each response."""
 
-    def __init__(self, address: str, threads: int = 3):
-        self.address = address
+    def __init__(self, stack: LocalStack, threads: int = 3):
+        self.stack = stack
         self.responses: list[tuple[int, ...]] = []  # the expert version of every message
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self) -> None:
-        channel = grpc.insecure_channel(self.address)
+        channel = self.stack.inference_channel()
         stub = inference_pb2_grpc.InferenceStub(channel)
         request = pb.GenerateRequest(prompt="Compute 3 + 4", expert=pb.ExpertRef(name="math"), max_tokens=6,
                                      sampling=pb.SamplingParams(ignore_eos=True))
@@ -190,14 +192,14 @@ def test_bad_artifacts_are_refused_before_any_replica(registry, stub, model, wor
     assert r.route.experts[0].version == 1
 
 
-def test_concurrent_pushes_one_wins_the_other_is_told_why(registry, model, work):
+def test_concurrent_pushes_one_wins_the_other_is_told_why(registry, stack, model, work):
     uris = [math_version(model, work, 2), math_version(model, work, 3)]
     rev = registry.get("math").revision
     results: list = [None, None]
     barrier = threading.Barrier(2)
 
     def push(i: int) -> None:
-        with RegistryClient(registry.address) as client:
+        with stack.registry_client() as client:
             barrier.wait()
             try:
                 results[i] = client.push(uris[i], who=f"ops{i}", expected_revision=rev, register_only=True)
@@ -219,7 +221,7 @@ def test_concurrent_pushes_one_wins_the_other_is_told_why(registry, model, work)
 
 def test_rollout_under_streaming_load_fails_nothing_and_never_mixes(registry, stack, model, work):
     latest = registry.get("math").latest
-    with Load(stack.address) as load:
+    with Load(stack) as load:
         for version in (latest + 1, latest + 2):
             pushed = registry.push(math_version(model, work, version), who="test")
             done = registry.wait_rollout("math", pushed.rollout.id, timeout_s=180)
@@ -298,7 +300,7 @@ def test_a_replica_killed_mid_rollout_the_rest_completes_and_a_replacement_conve
 
 def test_redis_restarted_mid_rollout_resumes_without_half_written_state(registry, redis_server, stack, model, work):
     version = registry.get("math").latest + 1
-    with Load(stack.address, threads=2) as load:
+    with Load(stack, threads=2) as load:
         pushed = registry.push(math_version(model, work, version), who="test",
                                rollout=policy("canary", canary_replicas=1, canary_wait_s=3.0))
         wait_for(lambda: registry.rollout("math").state in ("canary", "rolling"), 30, "the rollout starts")

@@ -6,8 +6,10 @@ small (2 running sequences, 1 waiting) so overload is reachable with a handful o
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +18,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
+from ccoe_common.auth.client import authorized_channel
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.experts.artifact import read_artifact
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc, registry_pb2_grpc
@@ -55,6 +58,8 @@ def stack(tmp_path_factory):
         "experts": [uris["math"], uris["sql"]],
         "rules": str(rules),
         "router": {"rules_check_interval_s": 0.2},
+        "auth": {"mode": "token"},
+        "registry": {"allowed_sources": [str(work)], "allowed_export_prefixes": [str(work)]},
         "replica": {"engine": {"max_seq_len": 1024, "max_running": 2, "max_waiting": 1, "max_batched_tokens": 64,
                                "retry_after_s": 0.5}},
     })
@@ -68,7 +73,14 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def channel(stack):
-    ch = grpc.insecure_channel(stack.address)
+    ch = stack.inference_channel()
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def admin_channel(stack):
+    ch = authorized_channel(stack.address, stack.admin_token)
     yield ch
     ch.close()
 
@@ -275,8 +287,8 @@ def test_health_and_reflection(channel):
     assert {"ccoe.v1.Inference", "ccoe.v1.Registry", "grpc.health.v1.Health"} <= set(services)
 
 
-def test_live_push_and_pop_through_the_registry(stack, stub, channel):
-    registry = registry_pb2_grpc.RegistryStub(channel)
+def test_live_push_and_pop_through_the_registry(stack, stub, admin_channel):
+    registry = registry_pb2_grpc.RegistryStub(admin_channel)
     pushed = registry.PushExpert(rpb.PushExpertRequest(uri=stack.law_uri, who="test"), timeout=60)
     assert (pushed.expert.name, pushed.expert.version, pushed.rollout.to_version) == ("law", 1, 1)
     deadline = time.monotonic() + 30
@@ -355,3 +367,155 @@ def test_prometheus_metrics_from_the_ray_node(stack, stub):
                for line in ours if line.startswith("ray_ccoe_expert_loads_total"))
     assert any('expert="law"' in line and 'outcome="done"' in line
                for line in ours if line.startswith("ray_ccoe_rollouts_total"))
+
+
+# ---- limits and least privilege (#15, #16); these change the registry's rule table, so they run last ----
+
+TRUNCATED = b"\x0a\x05ab"  # field 1, length 5, two bytes: no request message decodes it
+
+
+def test_bytes_that_do_not_decode_are_invalid_argument_on_every_method(channel, admin_channel, stub):
+    from ccoe_common.serving.grpc_servicers import REGISTRY_SERVICE, SERVICE
+
+    identity = dict(request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    descriptors = {SERVICE: pb.DESCRIPTOR.services_by_name["Inference"],
+                   REGISTRY_SERVICE: rpb.DESCRIPTOR.services_by_name["Registry"]}
+    answered = {}
+    for service, descriptor in descriptors.items():
+        # Bytes that do not decode are answered at the edge before any routing: the token only
+        # has to be a valid one (the replica-role methods get the admin's here).
+        ch = channel if service == SERVICE else admin_channel
+        for method in descriptor.methods:
+            path = f"/{service}/{method.name}"
+            with pytest.raises(grpc.RpcError) as err:
+                if method.client_streaming:
+                    ch.stream_unary(path, **identity)(iter([TRUNCATED]), timeout=60)
+                elif method.server_streaming:
+                    list(ch.unary_stream(path, **identity)(TRUNCATED, timeout=60))
+                else:
+                    ch.unary_unary(path, **identity)(TRUNCATED, timeout=60)
+            answered[method.name] = (err.value.code(), err.value.details())
+    assert len(answered) == 15
+    for name, (code, details) in answered.items():
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, code, details)
+        assert "is not a valid ccoe.v1." in details, (name, details)
+    still_serves(stub)
+
+
+def test_push_never_fetches_a_url_nor_reads_outside_the_allowed_places(stack, admin_channel):
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    registry = registry_pb2_grpc.RegistryStub(admin_channel)
+    audit_before = len(registry.ListAudit(rpb.ListAuditRequest(limit=1000), timeout=60).entries)
+    try:
+        for uri, fragment in [(f"http://127.0.0.1:{web.server_port}/artifact", "scheme 'http' is not allowed"),
+                              ("/etc", "is not inside an allowed location"),
+                              ("/nonexistent/law", "is not inside an allowed location"),
+                              (f"{stack.law_uri}/../../../..", "is not inside an allowed location")]:
+            with pytest.raises(grpc.RpcError) as err:
+                registry.PushExpert(rpb.PushExpertRequest(uri=uri, who="test"), timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
+    finally:
+        web.shutdown()
+    assert hits == []  # the server never fetched it
+    assert len(registry.ListAudit(rpb.ListAuditRequest(limit=1000), timeout=60).entries) == audit_before
+
+
+def test_exports_go_only_where_allowed_and_refusals_retire_nothing(stack, admin_channel, stub):
+    registry = registry_pb2_grpc.RegistryStub(admin_channel)
+    occupied = stack.rules_path.parent / "occupied"
+    occupied.mkdir(exist_ok=True)
+    (occupied / "notes.txt").write_text("mine")
+    for export_to, code, fragment in [
+        ("nosuchproto://x/y", grpc.StatusCode.INVALID_ARGUMENT, "scheme 'nosuchproto' is not allowed"),
+        ("/proc/self/fd", grpc.StatusCode.INVALID_ARGUMENT, "is not inside an allowed location"),
+        (str(occupied), grpc.StatusCode.ALREADY_EXISTS, "already holds other files"),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            registry.PopExpert(rpb.PopExpertRequest(name="math", export_to=export_to, who="test"), timeout=60)
+        assert err.value.code() == code and err.value.details().startswith("export_to: ")
+        assert fragment in err.value.details()
+    assert stub.Generate(greedy("Compute 1 + 1", 2, expert=pb.ExpertRef(name="math")), timeout=60).text is not None
+    # A bare name goes under the store's exports/ folder (law@1 was popped earlier; its copy stays).
+    popped = registry.PopExpert(rpb.PopExpertRequest(name="law", version=1, export_to="law-copy", who="test"),
+                                timeout=60)
+    assert popped.exported_to.endswith("/exports/law-copy")
+    assert read_artifact(popped.exported_to).manifest.name == "law"
+
+
+def test_generate_limits_are_precise_and_the_old_reserved_key_is_plain_metadata(stub):
+    for request, fragment in [
+        (pb.GenerateRequest(prompt="x", metadata={f"k{i}": "" for i in range(200_000)}),
+         "metadata: 200000 keys, over router.max_metadata_keys (64)"),
+        (pb.GenerateRequest(prompt="x", stop=["s" * 170_000]), "(170000 characters) must be 1 to 256 characters"),
+        (pb.GenerateRequest(prompt="x", domain="d" * (8 << 20)), "is longer than router.max_domain_chars (128)"),
+        (pb.GenerateRequest(prompt="x", metadata={"k": "v" * (32 << 20)}), "router.max_metadata_value_chars"),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(request, timeout=120)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert fragment in err.value.details() and len(err.value.details()) < 400
+    reply = stub.Generate(greedy("Compute 1 + 1", 2, metadata={"__ccoe_decode_error__": "forged"}), timeout=60)
+    assert reply.usage.completion_tokens == 2
+
+
+def test_an_upload_the_client_abandons_is_removed(stack, admin_channel):
+    registry = registry_pb2_grpc.RegistryStub(admin_channel)
+    law = next(e for e in registry.ListExperts(rpb.ListExpertsRequest(), timeout=60).experts if e.name == "law")
+    uploads = Path(law.versions[0].uri).parent.parent / ".uploads"  # the store: <store>/law/v1
+    release = threading.Event()
+
+    def chunks():
+        for i in range(3):
+            yield rpb.ArtifactChunk(expert="law", version=7, file="weights.safetensors", data=b"x" * 1024)
+        release.wait(60)  # the client goes quiet, then away
+
+    future = registry.UploadArtifact.future(chunks(), timeout=120)
+    deadline = time.monotonic() + 30
+    while not (uploads.exists() and any(uploads.iterdir())):
+        assert time.monotonic() < deadline, "the upload never started"
+        time.sleep(0.1)
+    future.cancel()
+    release.set()
+    deadline = time.monotonic() + 120  # at the latest registry.upload_idle_timeout_s (60 s) after its last chunk
+    while any(uploads.iterdir()):
+        assert time.monotonic() < deadline, f"the abandoned upload was left in the store: {list(uploads.iterdir())}"
+        time.sleep(0.5)
+
+
+def test_rule_tables_cannot_hang_the_router(channel, admin_channel, stub):
+    registry = registry_pb2_grpc.RegistryStub(admin_channel)
+    for table, fragment in [
+        ("rules: [{id: r, match: {regex: ['(a)\\1']}, experts: [math]}]", "no backreferences"),
+        ("[" * 100_000 + "]" * 100_000, "not valid YAML/JSON"),
+        ('{"rules": ' + "[" * 30 + "]" * 30 + "}", "nests deeper than 8 levels"),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            registry.SetRules(rpb.SetRulesRequest(table=table, who="test"), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
+    raw = admin_channel.unary_unary("/ccoe.v1.Registry/SetRules", request_serializer=lambda b: b,
+                              response_deserializer=rpb.RulesResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\x0a\x03\xff\xfeA", timeout=60)  # the table as bytes that are not UTF-8
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bad UTF-8" in err.value.details()
+    registry.SetRules(rpb.SetRulesRequest(table="rules: [{id: redos, match: {regex: ['^(a+)+$']}, experts: [math]}]",
+                                          who="test"), timeout=60)
+    deadline = time.monotonic() + 30
+    while stub.Generate(greedy("a" * 28, 2), timeout=60).route.rule_id != "redos":
+        assert time.monotonic() < deadline, "the router did not take the registry's table"
+        time.sleep(0.2)
+    # 27 'a's and a 'b' froze a router for 6.8 s on Python's re; on RE2 it is an ordinary request.
+    assert stub.Generate(greedy("a" * 27 + "b", 2), timeout=60).route.policy == "default"
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING

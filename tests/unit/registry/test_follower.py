@@ -98,7 +98,7 @@ def test_a_version_failing_its_smoke_test_is_never_reported_and_is_freed(model, 
             follow(engine, {bad: artifact(model, tmp_path, 3, nan=True)}))
         assert len(mid_test) == 1 and len(refusals) == 1
         assert all(bad not in listed(r) for r in reports)
-        assert "non-finite" in follower.failures[bad]
+        assert "logits are not finite" in follower.failures[bad]
         assert [(f.name, f.version) for f in reports[-1].failures] == [("math", 3)]
         deadline = time.monotonic() + 10  # the failed version drains, then is freed
         while bad in engine.model.resident() and time.monotonic() < deadline:

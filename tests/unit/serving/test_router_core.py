@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.engine.errors import Overloaded
 from ccoe_common.engine.params import GenerationRequest, Timings, Usage
 from ccoe_common.experts.reference import ExpertKey
