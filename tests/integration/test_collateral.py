@@ -16,7 +16,7 @@ import time
 import grpc
 import pytest
 
-from ccoe_common.cli.demo_assets import demo_backbone, demo_experts
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
 from ccoe_common.ports import free_port
@@ -33,6 +33,8 @@ def stack(tmp_path_factory):
     config = AppConfig.load({
         "backbone": str(demo_backbone(work)),
         "experts": [uris["math"], uris["sql"]],
+        "auth": {"mode": "token"},
+        "registry": {"allowed_sources": [str(work)]},
         # Room for all seven requests in the same steps.
         "replica": {"engine": {"max_seq_len": 1024, "max_running": 8, "max_waiting": 8, "max_batched_tokens": 256}},
     })
@@ -42,8 +44,9 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stub(stack):
-    with grpc.insecure_channel(stack.address) as channel:
-        yield inference_pb2_grpc.InferenceStub(channel)
+    channel = stack.inference_channel()
+    yield inference_pb2_grpc.InferenceStub(channel)
+    channel.close()
 
 
 def request(prompt: str, n: int, expert: str | None = None, **kw) -> pb.GenerateRequest:

@@ -365,7 +365,7 @@ def test_a_forward_that_keeps_failing_fails_its_rows_once_and_the_engine_serves_
     monkeypatch.setattr(engine.model, "forward", forward)
     broken.set()
     streams = start_well_formed(engine)
-    for rid, stream in streams.items():
+    for stream in streams.values():
         ended_alone_with(stream, EngineError, "RuntimeError: injected: persistent fault")
     # Each row is in one failed forward and one more (its expert's): nobody is tried a third
     # time, however the four requests fell into steps.
