@@ -447,8 +447,8 @@ class Engine:
                 log.exception("request %s failed after its token was chosen", seq.request_id)
                 failed[seq] = EngineError(f"internal error while streaming: {type(e).__name__}: {e}")
         for seq, error in failed.items():
-            self._failed_in_step += 1
-            self._fail(seq, error, scrub=True)
+            if self._fail(seq, error, scrub=True):
+                self._failed_in_step += 1
 
     def _forward(self, decode: list[Sequence],
                  prefill: list[PrefillChunk]) -> tuple[list[Sequence], torch.Tensor | None]:
@@ -604,10 +604,10 @@ class Engine:
         self.residency.release(seq.expert)
         return True
 
-    def _fail(self, seq: Sequence, error: EngineError, *, scrub: bool = False) -> None:
-        """End a request with `error`. scrub: it failed inside a step, so its KV slot may hold
-        NaN, which the slot's next request would read (a masked position weighs 0, and 0 x NaN
-        is NaN); the slot is zeroed before anyone can take it."""
+    def _fail(self, seq: Sequence, error: EngineError, *, scrub: bool = False) -> bool:
+        """End a request with `error`; False if it had already ended. scrub: it failed inside a
+        step, so its KV slot may hold NaN, which the slot's next request would read (a masked
+        position weighs 0, and 0 x NaN is NaN); the slot is zeroed before anyone can take it."""
         slot = seq.slot
         with self._lock:
             ended = self._retire(seq)
@@ -618,6 +618,7 @@ class Engine:
             self.cache.v[:, slot].zero_()
         if ended:  # a request that already ended (finished in this step, say) gets no second end
             self._send(seq, error)
+        return ended
 
     def _send(self, seq: Sequence, error: EngineError) -> None:
         """Tell a request it ended; a sink that raises cannot take the loop down with it."""

@@ -71,9 +71,7 @@ def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list
         # faster than argmax on the CPU, with the same first-maximum tie rule).
         # max propagates NaN and keeps +inf / -inf, so its values tell which rows are not finite.
         best = _take(logits, plain_greedy).max(dim=-1)
-        if not bool(best.values.isfinite().all()):
-            bad = [plain_greedy[j] for j in (~best.values.isfinite()).nonzero().flatten().tolist()]
-            raise NonFiniteLogits(f"the model's logits are not finite (NaN, +inf, or all -inf) in rows {bad}")
+        _check_finite(best.values)
         for i, tok in zip(plain_greedy, best.indices.tolist(), strict=True):
             chosen[i] = tok
     greedy = set(plain_greedy)
@@ -152,7 +150,7 @@ def _penalize_in_range(vals: Tensor, penalty: float) -> Tensor:
 
 
 def _check_finite(top: Tensor) -> None:
-    """top: a row's largest logit; NaN, +inf and -inf (every token -inf) mean no token can be chosen."""
+    """top: rows' largest logits; NaN, +inf and -inf (every token -inf) mean no token can be chosen."""
     if not bool(top.isfinite().all()):
         raise NonFiniteLogits("no token has a finite positive probability: the model's logits are not finite "
                               "(NaN, +inf, or all -inf)")
