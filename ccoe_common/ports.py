@@ -45,7 +45,7 @@ def free_port(attempts: int = 200) -> int:
 def bindable(port: int) -> bool:
     """Whether a server could listen on `port` on every address, as Ray's proxies do ([::])."""
     families = [(socket.AF_INET6, "::")] if socket.has_ipv6 else []
-    for family, host in families + [(socket.AF_INET, "0.0.0.0")]:
+    for family, host in [*families, (socket.AF_INET, "0.0.0.0")]:
         try:
             with socket.socket(family, socket.SOCK_STREAM) as s:
                 s.bind((host, port))

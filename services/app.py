@@ -7,9 +7,9 @@ gRPC servicers the proxy registers are ccoe_common.serving.grpc_servicers.GRPC_S
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from ccoe_common.auth.config import NO_AUTH_SECTION
 from ccoe_common.serving.config import AppConfig, ConfigError
@@ -23,13 +23,18 @@ CONTROL_HEADROOM = 16
 REGISTRY_MAX_ONGOING = 1024
 
 
+def _deployment(cls: type) -> Deployment:
+    """`cls` as what @serve.deployment made it: mypy keeps a decorated class's own type."""
+    return cast(Deployment, cls)
+
+
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = AppConfig.load(args)
     if config.auth is None:
         raise ConfigError(NO_AUTH_SECTION)  # before anything deploys: every call is authenticated or none is
     raw = config.model_dump(mode="json")
     rc = config.replica
-    replica = ModelReplica.options(
+    replica = _deployment(ModelReplica).options(
         num_replicas=rc.num_replicas,
         ray_actor_options={"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus},
         # The engine does admission control (RESOURCE_EXHAUSTED beyond its queue); Ray's own
@@ -38,9 +43,9 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     ).bind(raw)
     # One registry replica: Redis holds the state, so a restart loses nothing, and a single
     # controller advances rollouts (compare-and-set would keep two correct, just busier).
-    registry = Registry.options(num_replicas=1, ray_actor_options={"num_cpus": 0},
-                                max_ongoing_requests=REGISTRY_MAX_ONGOING).bind(raw)
-    return Router.options(
+    registry = _deployment(Registry).options(num_replicas=1, ray_actor_options={"num_cpus": 0},
+                                             max_ongoing_requests=REGISTRY_MAX_ONGOING).bind(raw)
+    return _deployment(Router).options(
         num_replicas=config.router.num_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=4 * (rc.engine.max_running + rc.engine.max_waiting) + CONTROL_HEADROOM,

@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ccoe_common.auth.ratelimit import RateLimit
 
-
 NO_AUTH_SECTION = ("the app config has no auth section: choose `auth: {mode: token, tokens_file: PATH}` (the local "
                    "stack also takes `auth: {mode: token}` and mints tokens for its run) or, explicitly, "
                    "`auth: {mode: none}`; see docs/security.md")

@@ -287,7 +287,7 @@ def call(channel: grpc.Channel, case: Case, timeout_s: float = CALL_TIMEOUT_S,
          metadata: Sequence[tuple[str, str]] = ()) -> Outcome:
     """Send one case; a server stream is read to its end, except WatchDesiredState, which never
     ends (its first message is the answer)."""
-    identity = dict(request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
     try:
         if case.method.client_streaming:
             channel.stream_unary(case.path, **identity)(iter(case.payload), timeout=timeout_s, metadata=metadata)

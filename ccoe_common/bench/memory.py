@@ -36,8 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccoe_common.console import positive_int, UserError
-from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json, Progress
+from ccoe_common.console import Progress, UserError, add_json_flag, format_table, human_bytes, positive_int, print_json
 
 SYSTEMS = ("backbone", "ccoe", "ensemble", "lora")
 
@@ -45,19 +44,19 @@ SYSTEMS = ("backbone", "ccoe", "ensemble", "lora")
 # 24 gives 171M parameters and only 5 MLP layers (13.8%) under the 15% budget, 22 gives 159M
 # and the same 5 MLP layers at 14.9%, i.e. experts really at the full budget.
 SHAPES: dict[str, dict[str, Any]] = {
-    "150m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=22,
-                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                 max_position_embeddings=2048),
+    "150m": {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 22,
+             "num_attention_heads": 12, "num_key_value_heads": 2, "tie_word_embeddings": True,
+             "max_position_embeddings": 2048},
     # A few layers, ~12 MB in bf16: big enough that RSS deltas are well above allocator noise
     # (a few hundred KiB), small enough that a run takes seconds. Six layers so that one MLP
     # fits the 15% budget next to the embedding.
-    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                 max_position_embeddings=512),
+    "tiny": {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+             "max_position_embeddings": 512},
 }
 # Built by every worker before its baseline so lazy imports and one-time initialisation of the
 # code path under test land in the baseline, not in the measured delta.
-WARMUP_SHAPE: dict[str, Any] = dict(tie_word_embeddings=True)
+WARMUP_SHAPE: dict[str, Any] = {"tie_word_embeddings": True}
 WARMUP_N = 2  # two, so peft's add_adapter and a second CCoE push are exercised too
 
 LORA_RANK = 16
@@ -346,8 +345,8 @@ def run_worker(system: str, n: int, prep: Prepared) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(), timeout=_WORKER_TIMEOUT_S)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT_MARK)]
     if proc.returncode != 0 or not lines:
-        why = "killed by signal %d (out of memory?)" % -proc.returncode if proc.returncode < 0 \
-            else f"exit code {proc.returncode}"
+        why = (f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
+               else f"exit code {proc.returncode}")
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise RuntimeError(f"memory worker for {system} n={n} failed ({why}):\n{tail}")
     return json.loads(lines[-1][len(_RESULT_MARK):])

@@ -42,8 +42,15 @@ from ccoe_common.bench.serve import _percentile
 from ccoe_common.bench.throughput import SHAPES as THROUGHPUT_SHAPES
 from ccoe_common.bench.throughput import _perturb
 from ccoe_common.bench.throughput import workload_from_args as throughput_workload
-from ccoe_common.console import positive_int, UserError
-from ccoe_common.console import add_json_flag, format_table, print_json, Progress, stdout_to_stderr
+from ccoe_common.console import (
+    Progress,
+    UserError,
+    add_json_flag,
+    format_table,
+    positive_int,
+    print_json,
+    stdout_to_stderr,
+)
 
 if TYPE_CHECKING:
     from ccoe_common.serving.local_stack import LocalStack
@@ -286,8 +293,8 @@ def collect(wl: Workload, workdir: Path, step: Callable[[str], None]) -> dict[st
     import torch
 
     from ccoe_common.pb import inference_pb2_grpc
-    from ccoe_common.registry.client import RolloutFailed
     from ccoe_common.ports import free_port
+    from ccoe_common.registry.client import RolloutFailed
     from ccoe_common.serving.config import AppConfig
     from ccoe_common.serving.local_stack import LocalStack
 

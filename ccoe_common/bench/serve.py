@@ -27,7 +27,7 @@ import torch
 
 from ccoe_common.auth.client import bearer_metadata
 from ccoe_common.bench.memory import SHAPES
-from ccoe_common.console import add_json_flag, format_table, print_json, Progress, stdout_to_stderr
+from ccoe_common.console import Progress, add_json_flag, format_table, print_json, stdout_to_stderr
 from ccoe_common.engine.engine import Engine, EngineConfig
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.model import CCoEModel
@@ -194,7 +194,8 @@ def _report(args: argparse.Namespace, rounds: dict[str, list[dict[str, Any]]]) -
         "target": TARGET,
         "ttft_p50_ms": _percentile(ttft, 50) * 1e3, "ttft_p99_ms": _percentile(ttft, 99) * 1e3,
         "itl_p50_ms": _percentile(itl, 50) * 1e3, "itl_p99_ms": _percentile(itl, 99) * 1e3,
-        "engine_ttft_p50_ms": _percentile(engine_ttft, 50) * 1e3, "engine_ttft_p99_ms": _percentile(engine_ttft, 99) * 1e3,
+        "engine_ttft_p50_ms": _percentile(engine_ttft, 50) * 1e3,
+        "engine_ttft_p99_ms": _percentile(engine_ttft, 99) * 1e3,
         "engine_itl_p50_ms": _percentile(engine_itl, 50) * 1e3, "engine_itl_p99_ms": _percentile(engine_itl, 99) * 1e3,
         "failed_requests": sum(r["failed"] for r in served),
         "requests": len(ttft) + sum(r["failed"] for r in served),

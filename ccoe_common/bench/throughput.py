@@ -48,8 +48,7 @@ from typing import Any
 
 from ccoe_common.bench.memory import LORA_RANK, LORA_TARGETS, _materialize, _quiet_transformers, lora_model
 from ccoe_common.bench.memory import SHAPES as MEMORY_SHAPES
-from ccoe_common.console import positive_int, UserError
-from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json, Progress
+from ccoe_common.console import Progress, UserError, add_json_flag, format_table, human_bytes, positive_int, print_json
 from ccoe_common.engine.openmp import release_openmp_workers
 
 NUM_DOMAINS = 5
@@ -61,9 +60,9 @@ BATCH_SYSTEMS = ("ccoe_mixed", "backbone", "hf_sequential", "ensemble", "peft_lo
 # The default is "150m" (the memory benchmark's shape, experts at 14.9%): ~4 minutes on
 # 2 cores, where 0.5b takes ~7.
 SHAPES: dict[str, dict[str, Any]] = {
-    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                 max_position_embeddings=4096, rope_theta=1000000.0),
+    "0.5b": {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+             "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True,
+             "max_position_embeddings": 4096, "rope_theta": 1000000.0},
     "150m": MEMORY_SHAPES["150m"],
     "tiny": MEMORY_SHAPES["tiny"],
 }
@@ -257,7 +256,7 @@ def _engine_batch(engine: Any, prompts: Sequence[list[int]], experts: Sequence[A
 
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     events: queue.SimpleQueue = queue.SimpleQueue()
-    for ids, expert in zip(prompts, experts):
+    for ids, expert in zip(prompts, experts, strict=True):
         engine.submit(GenerationRequest(prompt_ids=ids, expert=None if expert is None else str(expert),
                                         sampling=sampling), events.put)
     tokens = finished = 0
@@ -317,7 +316,7 @@ def batch_runner(s: Systems, system: str) -> Callable[[list[int], list[list[int]
         def run(ds: list[int], ps: list[list[int]], n: int) -> int:
             tokens = 0
             for d in range(NUM_DOMAINS):  # one model after another, each with one batch
-                mine = [p for p, dd in zip(ps, ds) if dd == d]
+                mine = [p for p, dd in zip(ps, ds, strict=True) if dd == d]
                 if mine:
                     tokens += _engine_batch(s.ensemble[d], mine, [None] * len(mine), n)
             return tokens
@@ -346,7 +345,7 @@ def run_sequential(s: Systems, wl: Workload, vocab: int, progress: Progress) -> 
     rng = np.random.default_rng(1)
     runners = {name: seq_runner(s, name) for name in SEQ_SYSTEMS}
     warm = _prompts(rng, NUM_DOMAINS, wl.seq_prompt, vocab)
-    for name, run in runners.items():  # every model/adapter once, so nothing is cold
+    for run in runners.values():  # every model/adapter once, so nothing is cold
         for d in range(NUM_DOMAINS):
             run(d, warm[d], 2)
     progress.step("workload A: warmed up every system on every domain")
@@ -375,7 +374,7 @@ def run_batched(s: Systems, wl: Workload, vocab: int, progress: Progress) -> dic
     runners = {name: batch_runner(s, name) for name in BATCH_SYSTEMS}
     domains = [i % NUM_DOMAINS for i in range(wl.batch_requests)]
     warm = _prompts(rng, NUM_DOMAINS, wl.batch_prompt, vocab)
-    for name, run in runners.items():
+    for run in runners.values():
         run(list(range(NUM_DOMAINS)), warm, 2)
     progress.step("workload B: warmed up every system")
     tokens = {n: [0] * wl.batch_rounds for n in BATCH_SYSTEMS}
@@ -402,7 +401,7 @@ def run_batched(s: Systems, wl: Workload, vocab: int, progress: Progress) -> dic
 def _summarise(tokens: dict[str, list[int]], seconds: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
     out = {}
     for name in tokens:
-        rates = [t / s for t, s in zip(tokens[name], seconds[name])]
+        rates = [t / s for t, s in zip(tokens[name], seconds[name], strict=True)]
         out[name] = {
             "tokens_per_s": statistics.median(rates),
             "round_tokens_per_s": [round(x, 3) for x in rates],

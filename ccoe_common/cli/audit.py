@@ -12,9 +12,8 @@ import argparse
 import json
 from typing import Any
 
-from ccoe_common.console import positive_int
-from ccoe_common.console import add_json_flag, format_table, print_json
 from ccoe_common.cli.registry_ops import add_registry_flags, connect, when
+from ccoe_common.console import add_json_flag, format_table, positive_int, print_json
 
 DETAIL_WIDTH = 100  # a table cell; --json has the whole detail
 

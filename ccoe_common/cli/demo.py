@@ -20,10 +20,9 @@ from typing import Any
 import torch
 
 from ccoe_common.cli import demo_stack, demo_zoo
-from ccoe_common.model.demo_assets import demo_backbone, nudge
-from ccoe_common.console import positive_int
-from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json
+from ccoe_common.console import add_json_flag, format_table, human_bytes, positive_int, print_json
 from ccoe_common.model import CCoEModel, Placement
+from ccoe_common.model.demo_assets import demo_backbone, nudge
 from ccoe_common.model.generate import greedy_generate
 from ccoe_common.settings import load_settings
 
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             manifest = expert.to_artifact(uris[name], model.info)
             say(f"wrote artifact {name}@1 ({kind}, layers {manifest.layers}, {manifest.parameter_count:,} parameters, "
                 f"sha256 {manifest.weights_sha256[:12]}…)")
-        for name, uri in uris.items():
+        for uri in uris.values():
             say(f"push {model.push(uri)} from {uri}")
         mem = model.memory_report()
         say("\nresident memory:")

@@ -56,8 +56,12 @@ def _row(stub: inference_pb2_grpc.InferenceStub, stage: str, domain: str, questi
 
 
 def _ask_all(stub: inference_pb2_grpc.InferenceStub, problems: dict[str, list[Problem]], stage: str) -> list[dict]:
-    return [_row(stub, stage, domain, p.instruction, p.output, lambda text, p=p, d=domain: get_domain(d).check(p, text))
+    return [_row(stub, stage, domain, p.instruction, p.output, _checker(domain, p))
             for domain, items in problems.items() for p in items]
+
+
+def _checker(domain: str, problem: Problem) -> Callable[[str], bool]:
+    return lambda text: get_domain(domain).check(problem, text)
 
 
 def _cell(text: str, width: int = 60) -> str:
@@ -68,9 +72,11 @@ def _cell(text: str, width: int = 60) -> str:
 
 def _accuracy_over(stub: inference_pb2_grpc.InferenceStub, tests: dict[str, list[Problem]]) -> dict[str, float]:
     """Share of every held-out problem answered right through the stack, per domain."""
+    def answer(p: Problem) -> str:
+        return ask(stub, p.instruction, MAX_NEW_TOKENS).text
+
     with ThreadPoolExecutor(CLIENTS) as pool:
-        return {d: accuracy(get_domain(d), ps, list(pool.map(lambda p: ask(stub, p.instruction, MAX_NEW_TOKENS).text, ps)))
-                for d, ps in tests.items()}
+        return {d: accuracy(get_domain(d), ps, list(pool.map(answer, ps))) for d, ps in tests.items()}
 
 
 def _table(rows: list[dict]) -> str:

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ccoe_common.console import positive_int, UserError
-from ccoe_common.console import add_json_flag, format_table, print_json, stdout_to_stderr
+from ccoe_common.console import UserError, add_json_flag, format_table, positive_int, print_json, stdout_to_stderr
 from ccoe_common.settings import load_settings
 from ccoe_common.zoo.build import build_zoo, read_zoo
 from ccoe_common.zoo.config import ZooConfig
@@ -73,8 +72,9 @@ def run_zoo(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     say("starting the local stack on the zoo's backbone and pushing its experts through the registry ...")
     rows = []
-    with stdout_to_stderr(args.json), zoo_stack(zoo["backbone"]["path"], {d: e["uri"] for d, e in zoo["experts"].items()},
-                                               read_rules(Path(zoo["rules"])), who="demo zoo", say=say) as stub:
+    uris = {d: e["uri"] for d, e in zoo["experts"].items()}
+    with stdout_to_stderr(args.json), zoo_stack(zoo["backbone"]["path"], uris, read_rules(Path(zoo["rules"])),
+                                               who="demo zoo", say=say) as stub:
         for domain in zoo["experts"]:
             for problem in read_problems(zoo["data"][domain]["test"], domain)[:args.per_domain]:
                 r = ask(stub, problem.instruction, MAX_NEW_TOKENS)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 
 from ccoe_common.cli import expert_registry
-from ccoe_common.cli.loading import add_model_flags
-from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION
+from ccoe_common.cli.loading import add_model_flags, model_from_args
 from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json
-from ccoe_common.cli.loading import model_from_args
+from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION
 from ccoe_common.experts.artifact import read_artifact
 from ccoe_common.model.kinds import KINDS
 from ccoe_common.model.placement import Placement
@@ -29,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="expert name, e.g. math")
     p.add_argument("--kind", choices=sorted(KINDS), default="ffn", help="which modules it replaces (default ffn)")
     p.add_argument("--placement", default="GL",
-                   help="GL|FB|FE|MD|BE[:layers] or a layer list like 0,5,11 (default GL, as many layers as the budget allows)")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_FRACTION, help="max parameters as a fraction of the backbone (default %(default)s)")
+                   help="GL|FB|FE|MD|BE[:layers] or a layer list like 0,5,11 "
+                        "(default GL, as many layers as the budget allows)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_FRACTION,
+                   help="max parameters as a fraction of the backbone (default %(default)s)")
     p.add_argument("--version", type=int, default=1, help="version number to write (default 1)")
     p.add_argument("--domain", action="append", default=[], help="domain this expert serves (repeatable)")
     p.add_argument("--out", required=True, help="artifact folder (local path or fsspec URI)")
@@ -41,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("inspect", help="check an artifact (and its fit to a backbone) and print its manifest")
     p.add_argument("uri", help="artifact folder (local path or fsspec URI)")
     p.add_argument("--backbone", help="also check fingerprint, shapes and budget against this checkpoint")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_FRACTION, help="budget fraction to check against (default %(default)s)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_FRACTION,
+                   help="budget fraction to check against (default %(default)s)")
     add_model_flags(p)
     add_json_flag(p)
     p.set_defaults(handler=inspect)
@@ -58,8 +60,8 @@ def carve(args: argparse.Namespace) -> int:
         print_json({"uri": args.out, "manifest": manifest.model_dump(mode="json")})
     else:
         share = manifest.parameter_count / model.info.parameter_count
-        print(f"wrote {manifest.name}@{manifest.version} to {args.out}: kind {manifest.kind}, layers {manifest.layers}, "
-              f"{manifest.parameter_count:,} parameters ({share:.1%} of the backbone), "
+        print(f"wrote {manifest.name}@{manifest.version} to {args.out}: kind {manifest.kind}, "
+              f"layers {manifest.layers}, {manifest.parameter_count:,} parameters ({share:.1%} of the backbone), "
               f"{human_bytes(expert.nbytes)}")
     return 0
 

@@ -13,7 +13,6 @@ import argparse
 import sys
 import time
 
-from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json
 from ccoe_common.cli.registry_ops import (
     UploadBar,
     add_policy_flags,
@@ -31,6 +30,7 @@ from ccoe_common.cli.registry_ops import (
     wait_for_rollout,
     who,
 )
+from ccoe_common.console import add_json_flag, format_table, human_bytes, print_json
 from ccoe_common.experts.artifact import read_manifest
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.pb import registry_pb2 as pb

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from ccoe_common.cli.loading import add_model_flags
-from ccoe_common.console import UserError
-from ccoe_common.console import add_json_flag, print_json
-from ccoe_common.cli.loading import model_from_args
+from ccoe_common.cli.loading import add_model_flags, model_from_args
+from ccoe_common.console import UserError, add_json_flag, print_json
 from ccoe_common.engine.engine import Engine, EngineConfig
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.engine.templates import TEMPLATES

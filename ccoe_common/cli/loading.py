@@ -12,7 +12,8 @@ from ccoe_common.settings import load_settings
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="torch device (default: CCOE_DEVICE, else cuda if present, else cpu)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: CCOE_DEVICE, else cuda if present, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), default="auto",
                         help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
 

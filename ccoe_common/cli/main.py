@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import grpc
 
 from ccoe_common.cli import audit, auth, bench, cluster, demo, expert, generate, rollout, rules, serve, train
-from ccoe_common.console import UserError
 from ccoe_common.cli.registry_ops import add_cluster_flags, rpc_error_exit, through_cluster
+from ccoe_common.console import UserError
 from ccoe_common.errors import CCoEError
 from ccoe_common.settings import load_settings
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from ccoe_common.console import add_json_flag, print_json
 from ccoe_common.cli.registry_ops import (
     add_policy_flags,
     add_registry_flags,
@@ -22,6 +21,7 @@ from ccoe_common.cli.registry_ops import (
     wait_for_rollout,
     who,
 )
+from ccoe_common.console import add_json_flag, print_json
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.rollout import ACTIVE
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from ccoe_common.console import UserError
-from ccoe_common.console import add_json_flag, print_json
 from ccoe_common.cli.registry_ops import add_registry_flags, connect, who
+from ccoe_common.console import UserError, add_json_flag, print_json
 from ccoe_common.routing.resolve import RouteQuery, decide
 from ccoe_common.routing.rules import Match, Rule, RuleTable, RuleTableSpec
 from ccoe_common.serving.config import AppConfig

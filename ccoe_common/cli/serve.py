@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
             # From here on only Ray writes; keep it off the JSON stream.
             os.dup2(2, 1)
         else:
-            print(f"CCoE Serve is up: gRPC at {stack.address} (ccoe.v1.Inference, ccoe.v1.Registry, grpc.health.v1.Health, reflection)")
+            print(f"CCoE Serve is up: gRPC at {stack.address} "
+                  "(ccoe.v1.Inference, ccoe.v1.Registry, grpc.health.v1.Health, reflection)")
             print(f"metrics (Prometheus): {stack.metrics_url}")
             if stack.admin_token:
                 print("auth on; tokens minted for this run (they stop working when it stops):")

@@ -11,12 +11,9 @@ import argparse
 import math
 import sys
 
-from ccoe_common.cli.loading import add_model_flags
-from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION
-from ccoe_common.console import UserError
-from ccoe_common.console import add_json_flag, format_table, print_json
-from ccoe_common.defaults import DTYPE_CHOICES
-from ccoe_common.cli.loading import model_from_args
+from ccoe_common.cli.loading import add_model_flags, model_from_args
+from ccoe_common.console import UserError, add_json_flag, format_table, print_json
+from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DTYPE_CHOICES
 from ccoe_common.model.kinds import KINDS
 from ccoe_common.model.placement import STRATEGIES, Placement
 from ccoe_common.settings import load_settings
@@ -28,9 +25,11 @@ from ccoe_common.training.trainer import TrainConfig
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", required=True, help="transformers checkpoint directory of the frozen backbone")
-    p.add_argument("--data", required=True, help="JSONL training records (Alpaca instruction/input/output or chat messages)")
+    p.add_argument("--data", required=True,
+                   help="JSONL training records (Alpaca instruction/input/output or chat messages)")
     p.add_argument("--eval-data", help="JSONL eval records (default: hold out --eval-fraction of --data)")
-    p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share when no --eval-data (default 0.05)")
+    p.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="held-out share when no --eval-data (default 0.05)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="refuse to start when more than this share of lines is bad (default 0.01)")
     steps = p.add_mutually_exclusive_group()
@@ -48,8 +47,10 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample order seed (default 0)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
-    p.add_argument("--kind", choices=sorted(KINDS), default="ffn", help="which modules an expert replaces (default ffn)")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_FRACTION, help="max expert parameters as a fraction of the backbone (default %(default)s)")
+    p.add_argument("--kind", choices=sorted(KINDS), default="ffn",
+                   help="which modules an expert replaces (default ffn)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_FRACTION,
+                   help="max expert parameters as a fraction of the backbone (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     add_model_flags(p)
     add_json_flag(p)
@@ -63,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_training_flags(p)
     p.add_argument("--name", help="expert name for a new expert, e.g. sql")
     p.add_argument("--from", dest="from_uri", help="continue this expert artifact (writes version + 1 by default)")
-    p.add_argument("--placement", default="GL", help="GL|FB|FE|MD|BE[:layers] or 0,5,11 (new experts; default GL, budget-filling)")
+    p.add_argument("--placement", default="GL",
+                   help="GL|FB|FE|MD|BE[:layers] or 0,5,11 (new experts; default GL, budget-filling)")
     p.add_argument("--domain", action="append", default=[], help="domain the expert serves (repeatable)")
     p.add_argument("--version", type=int, help="version to write (default 1, or the artifact's + 1 with --from)")
     p.add_argument("--out", required=True, help="artifact folder to write (local path or fsspec URI)")
@@ -78,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_training_flags(p)
     p.add_argument("--name", default="sweep", help="name for the experts trained by the sweep (not kept)")
     p.add_argument("--layers", default="1,2,4", help="comma-separated layer counts (default 1,2,4)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="GL", help="placement strategy for every size (default GL)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="GL",
+                   help="placement strategy for every size (default GL)")
     p.set_defaults(handler=run_sweep)
 
 
@@ -185,5 +188,6 @@ def run_sweep(args: argparse.Namespace) -> int:
           f"{r.eval_loss:.4f}", "-" if r.delta_eval_loss is None else f"{r.delta_eval_loss:+.4f}",
           "-" if r.delta_parameters is None else f"{r.delta_parameters:,}",
           "-" if r.gain_per_million is None else f"{r.gain_per_million:.4f}") for r in rows]))
-    print(f"highest performance gain −Δε/|Δθ|: {best.layers} layers (CCoE-24 §4.4 picks the size with the highest gain)")
+    print(f"highest performance gain −Δε/|Δθ|: {best.layers} layers "
+          "(CCoE-24 §4.4 picks the size with the highest gain)")
     return 0

@@ -91,7 +91,8 @@ class EngineConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
         if self.num_slots < 1:
-            raise ValueError(f"kv_token_budget={self.kv_token_budget} holds no sequence of max_seq_len={self.max_seq_len}")
+            raise ValueError(f"kv_token_budget={self.kv_token_budget} holds no sequence of "
+                             f"max_seq_len={self.max_seq_len}")
         if self.max_batched_tokens < self.num_slots:
             raise ValueError(f"max_batched_tokens={self.max_batched_tokens} must be >= the {self.num_slots} KV slots")
         return self
@@ -406,7 +407,7 @@ class Engine:
                                scrub=True)
 
     def _reap(self, now: float) -> list[tuple[Sequence, EngineError]]:
-        doomed = []
+        doomed: list[tuple[Sequence, EngineError]] = []
         for seq in self.scheduler.all_sequences():
             if seq.state.cancelled:
                 doomed.append((seq, Cancelled(f"request {seq.request_id} was cancelled")))
@@ -437,7 +438,7 @@ class Engine:
             if c.seq not in failed:
                 c.seq.computed += c.length
         now = time.monotonic()
-        for seq, token, lp in zip(rows, tokens, logprobs):
+        for seq, token, lp in zip(rows, tokens, logprobs, strict=True):
             if seq in failed:
                 continue
             try:
@@ -449,7 +450,8 @@ class Engine:
             self._failed_in_step += 1
             self._fail(seq, error, scrub=True)
 
-    def _forward(self, decode: list[Sequence], prefill: list[PrefillChunk]) -> tuple[list[Sequence], torch.Tensor | None]:
+    def _forward(self, decode: list[Sequence],
+                 prefill: list[PrefillChunk]) -> tuple[list[Sequence], torch.Tensor | None]:
         """Run the step's forwards -> (rows that sample, in order; their logits [R, V]).
 
         Changes no sequence: running it again for the same rows writes the same KV positions."""
@@ -474,7 +476,8 @@ class Engine:
         # cat copies even a single tensor: [64, 151936] bf16 logits are 19 MB a step.
         return rows, logits[0] if len(logits) == 1 else torch.cat(logits)
 
-    def _forward_again(self, plan: StepPlan, failed: dict[Sequence, EngineError]) -> tuple[list[Sequence], torch.Tensor | None]:
+    def _forward_again(self, plan: StepPlan,
+                       failed: dict[Sequence, EngineError]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The step's forward failed: run it once more without the rows it can blame.
 
         Rows whose expert is no longer resident fail at once. The rest run again, one forward
@@ -517,6 +520,7 @@ class Engine:
         any batch), and only the rows that raise again fail."""
         if not rows:
             return [], []
+        assert logits is not None  # rows that sample always come with their logits
         params = [s.state.sampling for s in rows]
         rewind = [(r.generator, r.generator.get_state()) for r in params if r.generator is not None]
         try:
@@ -529,7 +533,7 @@ class Engine:
             generator.set_state(state)
         tokens: list[int] = [0] * len(rows)
         logprobs: list[float | None] = [None] * len(rows)
-        for i, (seq, r) in enumerate(zip(rows, params)):
+        for i, (seq, r) in enumerate(zip(rows, params, strict=True)):
             try:
                 (tokens[i],), (logprobs[i],) = sample(logits[i:i + 1], [r])
             except Exception as e:  # noqa: BLE001 - this row's error, reported to its request

@@ -72,7 +72,8 @@ class SamplingParams(BaseModel):
         if len(params.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_STRING_CHARS for s in params.stop):
             raise InvalidRequest("stop", f"must be {_RANGES['stop']}, got {list(params.stop)!r}")
         if any(t < 0 for t in params.stop_token_ids):
-            raise InvalidRequest("stop_token_ids", f"must be {_RANGES['stop_token_ids']}, got {list(params.stop_token_ids)}")
+            raise InvalidRequest("stop_token_ids",
+                                 f"must be {_RANGES['stop_token_ids']}, got {list(params.stop_token_ids)}")
         return params
 
     @property

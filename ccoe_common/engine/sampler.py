@@ -74,7 +74,7 @@ def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list
         if not bool(best.values.isfinite().all()):
             bad = [plain_greedy[j] for j in (~best.values.isfinite()).nonzero().flatten().tolist()]
             raise NonFiniteLogits(f"the model's logits are not finite (NaN, +inf, or all -inf) in rows {bad}")
-        for i, tok in zip(plain_greedy, best.indices.tolist()):
+        for i, tok in zip(plain_greedy, best.indices.tolist(), strict=True):
             chosen[i] = tok
     greedy = set(plain_greedy)
     others = [i for i in range(len(rows)) if i not in greedy]
@@ -108,7 +108,7 @@ def sample(logits: Tensor, rows: Sequence[RowSampling]) -> tuple[list[int], list
                 return y
 
             tokens = _draw(_take(x, drawn), [rows[others[j]] for j in drawn], penalized)
-            for j, tok in zip(drawn, tokens):
+            for j, tok in zip(drawn, tokens, strict=True):
                 chosen[others[j]] = tok
     if raw_lp is not None:
         for j, i in enumerate(want_lp):
@@ -203,11 +203,14 @@ def _draw(x: Tensor, rows: Sequence[RowSampling], penalized: Callable[[int], Ten
         for n in (~top.isfinite()).nonzero()[:, 0].tolist():  # overflowed (or not finite: redo raises)
             weights[n], top[n] = redo(plain[n]), 0.0
         weights.sub_(top).exp_()  # softmax, short of normalising
-        for j, tok in zip(plain, _invert(weights, u[plain]).tolist()):
+        for j, tok in zip(plain, _invert(weights, u[plain]).tolist(), strict=True):
             tokens[j] = tok
     for width, group in by_width.items():
-        drawn = _draw_truncated(x[group], [rows[j] for j in group], u[group], width, lambda n, group=group: redo(group[n]))
-        for j, tok in zip(group, drawn):
+        def redo_in_group(n: int, group: list[int] = group) -> Tensor:
+            return redo(group[n])
+
+        drawn = _draw_truncated(x[group], [rows[j] for j in group], u[group], width, redo_in_group)
+        for j, tok in zip(group, drawn, strict=True):
             tokens[j] = tok
     return tokens
 
@@ -247,7 +250,7 @@ def _draw_truncated(x: Tensor, rows: Sequence[RowSampling], u: Tensor, width: in
     if short and width < vocab:
         at = {j: n for n, j in enumerate(whole)}  # short rows have no top-k: all are in `whole`
         drawn = _draw_nucleus(_take(whole_probs, [at[j] for j in short]), top_p[short], u[short])
-        for j, tok in zip(short, drawn.tolist()):
+        for j, tok in zip(short, drawn.tolist(), strict=True):
             tokens[j] = tok
     return tokens
 

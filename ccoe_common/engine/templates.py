@@ -36,7 +36,8 @@ class TemplateError(CCoEError, ValueError):
 def render_alpaca(instruction: str, input_text: str = "") -> str:
     """The Alpaca prompt up to and including "### Response:\\n" (the response follows it)."""
     if input_text:
-        return f"{_ALPACA_HEAD_WITH_INPUT}### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n"
+        return (f"{_ALPACA_HEAD_WITH_INPUT}### Instruction:\n{instruction}\n\n"
+                f"### Input:\n{input_text}\n\n### Response:\n")
     return f"{_ALPACA_HEAD}### Instruction:\n{instruction}\n\n### Response:\n"
 
 

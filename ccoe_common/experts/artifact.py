@@ -37,7 +37,6 @@ from ccoe_common.experts.errors import (
 from ccoe_common.experts.manifest import MANIFEST_FILE, WEIGHTS_FILE, BaseModelRef, ExpertManifest
 
 
-
 def dtype_name(dtype: torch.dtype) -> str:
     for name, value in DTYPES.items():
         if value == dtype:
@@ -150,20 +149,20 @@ def write_artifact(
         raise ValueError(f"expert {name!r}: all tensors must share one dtype, found {sorted(map(str, dtypes))}")
     cpu = {k: _standalone(v.detach().to("cpu").contiguous()) for k, v in sorted(tensors.items())}
     data = st_save(cpu)
-    fields: dict[str, Any] = dict(
-        name=name,
-        version=version,
-        kind=kind,
-        layers=list(layers),
-        dtype=dtype_name(dtypes.pop()),
-        tensors={k: list(v.shape) for k, v in cpu.items()},
-        parameter_count=sum(v.numel() for v in cpu.values()),
-        weights_sha256=hashlib.sha256(data).hexdigest(),
-        base_model=base_model,
-        domains=list(domains or []),
-        description=description,
-        training=dict(training or {}),
-    )
+    fields: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "kind": kind,
+        "layers": list(layers),
+        "dtype": dtype_name(dtypes.pop()),
+        "tensors": {k: list(v.shape) for k, v in cpu.items()},
+        "parameter_count": sum(v.numel() for v in cpu.values()),
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
+        "base_model": base_model,
+        "domains": list(domains or []),
+        "description": description,
+        "training": dict(training or {}),
+    }
     if created_at is not None:
         fields["created_at"] = created_at
     manifest = ExpertManifest(**fields)

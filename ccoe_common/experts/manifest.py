@@ -12,13 +12,13 @@ Example (abridged):
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ccoe_common.experts.reference import NAME_RE, ExpertKey
 
-FORMAT_VERSION = 1
+FORMAT_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
 

@@ -80,7 +80,7 @@ class TcpForwarder:
     def _relay(self, client: socket.socket) -> None:
         try:
             remote = self._connect()
-        except Exception as e:  # reported here: this thread is the only one that sees it
+        except Exception as e:  # noqa: BLE001 - reported here: this thread is the only one that sees it
             self.errors.append(str(e))
             log.warning("port-forward to %s: cannot open a stream: %s", self.address, e)
             _close(client)

@@ -63,7 +63,8 @@ class AttentionBatch:
         write_rows = write_cols = None
         if self.cache is not None:
             row_ids = torch.arange(self.positions.shape[0], device=self.positions.device)[rows]
-            valid = torch.arange(self.positions.shape[1], device=self.positions.device)[None, :] < self.query_lens[row_ids][:, None]
+            cols = torch.arange(self.positions.shape[1], device=self.positions.device)
+            valid = cols[None, :] < self.query_lens[row_ids][:, None]
             write_rows, write_cols = valid.nonzero(as_tuple=True)
         slots = None if self.slots is None else self.slots[rows]
         positions = self.positions[rows]

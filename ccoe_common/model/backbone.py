@@ -13,9 +13,9 @@ Shape legend: B = batch rows, T = tokens per row, D = hidden size, V = vocab.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,8 @@ _compiled_backbones = 0  # backbones of this process that called compile_layers(
 
 
 class Backbone(nn.Module):
-    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
@@ -59,6 +60,10 @@ class Backbone(nn.Module):
         # One token of one cached sequence runs through fast/one_row.py; False sends it
         # through the batched layers instead (the tests compare the two).
         self.row_path = True
+
+    def decoder_layers(self) -> Iterable[DecoderLayer]:
+        """`self.layers` as what it holds (nn.ModuleList is typed as holding any nn.Module)."""
+        return cast("Iterable[DecoderLayer]", self.layers)
 
     def compile_layers(self, mode: str | None = None) -> None:
         """From now on, run each decoder layer whose rows all use the same modules through
@@ -119,10 +124,10 @@ class Backbone(nn.Module):
         row = one_row.decode_row(batch) if fast_row else None
         if row is not None:
             expert = groups[0].expert if groups else None  # one row: one group
-            h = one_row.row_layers(self.layers, h.view(-1), row, expert).view(h.shape)
+            h = one_row.row_layers(self.decoder_layers(), h.view(-1), row, expert).view(h.shape)
         else:
             experts_present = any(g.expert is not None for g in groups)
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self.decoder_layers()):
                 if experts_present:
                     h = self._mixed_layer(i, layer, h, batch, groups)
                 else:
@@ -133,7 +138,8 @@ class Backbone(nn.Module):
             h = h[rows_out]
         return head_logits(self.lm_head, self.norm(h))
 
-    def _mixed_layer(self, i: int, layer: DecoderLayer, h: Tensor, batch: AttentionBatch, groups: Sequence[RowGroup]) -> Tensor:
+    def _mixed_layer(self, i: int, layer: DecoderLayer, h: Tensor, batch: AttentionBatch,
+                     groups: Sequence[RowGroup]) -> Tensor:
         base = layer.parts()
         parts = [(g.rows, base if g.expert is None else g.expert.parts_at(i, base)) for g in groups]
         first = parts[0][1]
@@ -175,7 +181,7 @@ def _bucketed(
     out = torch.empty_like(h)
     for p, row_slices in buckets.values():
         if len(row_slices) == 1:
-            rows: slice | Tensor = row_slices[0]
+            rows = row_slices[0]
             out[rows] = run(p, h[rows], rows)
         else:
             # Non-adjacent groups share this module (e.g. backbone rows and rows of an

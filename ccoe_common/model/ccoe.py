@@ -229,7 +229,11 @@ class CCoEModel:
         loaded = self._loaded(experts)
 
         # Rows of one expert must be adjacent: sort once, run, then restore the caller's order.
-        order = sorted(range(b), key=lambda r: (loaded[r] is not None, loaded[r].key if loaded[r] else None))
+        def sort_key(r: int) -> tuple[bool, ExpertKey | None]:
+            expert = loaded[r]
+            return expert is not None, None if expert is None else expert.key
+
+        order = sorted(range(b), key=sort_key)
         groups: list[RowGroup] = []
         for pos, r in enumerate(order):
             if groups and groups[-1].expert is loaded[r]:
@@ -238,12 +242,12 @@ class CCoEModel:
                 groups.append(RowGroup(loaded[r], slice(pos, pos + 1)))
         perm = None if order == list(range(b)) else torch.tensor(order, device=device)
 
-        def permuted(x: Tensor | None) -> Tensor | None:
-            return x if x is None or perm is None else x[perm]
+        def permuted(x: Tensor) -> Tensor:
+            return x if perm is None else x[perm]
 
         batch = self.backbone.attention_batch(permuted(positions), permuted(query_lens), cache,
-                                              permuted(None if slots is None else slots.to(device)))
+                                              None if slots is None else permuted(slots.to(device)))
         # The caller's row r sits at position unperm[r] of the sorted batch.
         unperm = None if perm is None else torch.argsort(perm)
         return self.backbone(permuted(input_ids), batch, groups,
-                             permuted(None if logits_at is None else logits_at.to(device)), unperm)
+                             None if logits_at is None else permuted(logits_at.to(device)), unperm)

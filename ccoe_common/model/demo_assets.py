@@ -7,6 +7,7 @@ of the backbone modules nudged with seeded noise, so that its outputs visibly di
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,8 +15,9 @@ from ccoe_common.model import CCoEModel, Placement
 from ccoe_common.model.expert import LoadedExpert
 from ccoe_common.model.synthetic import make_checkpoint
 
-DEMO_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512)
+# Keyword arguments for make_checkpoint: the shape of the demo backbone.
+DEMO_SHAPE: dict[str, Any] = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 6,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
 # name -> (kind, placement, seed)
 DEMO_EXPERTS = {
     "math": ("ffn", Placement(strategy="GL"), 0),

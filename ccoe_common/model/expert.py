@@ -187,7 +187,8 @@ def carve_expert(
     return expert
 
 
-def check_compatible(artifact: ExpertArtifact, backbone: Backbone, info: BackboneInfo, budget_fraction: float) -> ExpertKind:
+def check_compatible(artifact: ExpertArtifact, backbone: Backbone, info: BackboneInfo,
+                     budget_fraction: float) -> ExpertKind:
     """Everything about `artifact` that depends on the backbone; returns its kind."""
     m = artifact.manifest
     subject = f"expert artifact {artifact.uri!r} ({m.name}@{m.version})"

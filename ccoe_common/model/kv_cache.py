@@ -43,6 +43,7 @@ class KVCache:
         """
         slots, rows, cols = batch.slots, batch.write_rows, batch.write_cols
         to_slots, to_pos = batch.write_slots, batch.write_positions
+        assert slots is not None and rows is not None, "a batch built with a cache has slots and write rows"
         if k.shape[2] == 1 and len(rows) == k.shape[0]:  # decode: every row writes its only token
             k_new, v_new = k[:, :, 0], v[:, :, 0]
         else:

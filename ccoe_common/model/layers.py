@@ -26,7 +26,8 @@ from ccoe_common.model.fast.products import Linear, linear
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         self.eps = eps
@@ -65,6 +66,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
 
 
 class Rotary(nn.Module):
+    inv_freq: Tensor  # [E/2], a buffer: nn.Module's typing would make it Tensor | Module
+
     def __init__(self, config: BackboneConfig, device: torch.device | str | None = None):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config.rope, config.head_dim).to(device), persistent=False)
@@ -88,7 +91,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         d, h, g, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         kw = {"device": device, "dtype": dtype}
@@ -146,13 +150,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         d, i = config.hidden_size, config.intermediate_size
-        kw = {"device": device, "dtype": dtype, "bias": config.mlp_bias}
-        self.gate_proj = Linear(d, i, **kw)
-        self.up_proj = Linear(d, i, **kw)
-        self.down_proj = Linear(i, d, **kw)
+        kw = {"device": device, "dtype": dtype}
+        self.gate_proj = Linear(d, i, bias=config.mlp_bias, **kw)
+        self.up_proj = Linear(d, i, bias=config.mlp_bias, **kw)
+        self.down_proj = Linear(i, d, bias=config.mlp_bias, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
         if products.wants_transposed_mlp(x):
@@ -169,7 +174,8 @@ def stack_projections(module: nn.Module) -> nn.Module:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, config: BackboneConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.self_attn = Attention(config, device, dtype)
@@ -188,10 +194,10 @@ class LayerParts:
     share one attention call.
     """
 
-    input_layernorm: nn.Module
-    self_attn: nn.Module
-    post_attention_layernorm: nn.Module
-    mlp: nn.Module
+    input_layernorm: RMSNorm
+    self_attn: Attention
+    post_attention_layernorm: RMSNorm
+    mlp: MLP
 
     def attn_key(self) -> tuple[int, int]:
         return id(self.input_layernorm), id(self.self_attn)

@@ -61,11 +61,12 @@ def tiny_config(arch: Arch = "qwen2", **overrides: Any):
     """A transformers config for a tiny decoder; overrides win (e.g. num_key_value_heads=4)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    base: dict[str, Any] = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
+    base: dict[str, Any] = {
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    }
     base.update(overrides)
     cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[arch]
     return cls(**base)

@@ -21,8 +21,9 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Callable
+from typing import IO
 
 import fsspec
 from fsspec import AbstractFileSystem

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from ccoe_common.engine.engine import Engine
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
@@ -28,7 +28,7 @@ from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
-Watch = Callable[[str], AsyncIterator[pb.DesiredState]]
+Watch = Callable[[str], AsyncGenerator[pb.DesiredState, None]]
 Report = Callable[[pb.ReplicaState], Awaitable[object]]
 _BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)
 
@@ -69,7 +69,8 @@ class ReplicaFollower:
             replica_id=self.replica_id, healthy=self.engine.alive, seen_revision=self.seen_revision,
             running=s.running, memory_bytes=mem.backbone_bytes + sum(mem.experts.values()),
             loaded=[pb.LoadedVersion(name=k.name, version=k.version) for k in sorted(self.held())],
-            failures=[pb.LoadFailure(name=k.name, version=k.version, reason=r) for k, r in sorted(self.failures.items())])
+            failures=[pb.LoadFailure(name=k.name, version=k.version, reason=r)
+                      for k, r in sorted(self.failures.items())])
 
     async def report(self) -> None:
         await self._report(self.state())

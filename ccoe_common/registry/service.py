@@ -18,6 +18,7 @@ outside location is refused on its text alone, so the answer never says whether 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import itertools
 import json
@@ -34,6 +35,7 @@ from ccoe_common.experts.errors import ExpertError
 from ccoe_common.experts.reference import NAME_RE
 from ccoe_common.pb import inference_pb2 as ipb
 from ccoe_common.pb import registry_pb2 as pb
+from ccoe_common.pb.lenient import Undecodable
 from ccoe_common.registry import rollout as ro
 from ccoe_common.registry.artifact_store import ArtifactConflict, ArtifactStore, StoredArtifact
 from ccoe_common.registry.config import DEFAULT_UPLOAD_IDLE_TIMEOUT_S, RegistryConfig
@@ -51,7 +53,6 @@ from ccoe_common.registry.errors import (
 from ccoe_common.registry.sources import LocationPolicy
 from ccoe_common.registry.store import DesiredState, RegistryStore
 from ccoe_common.routing.rules import RuleTable, RuleTableError, load_table_text
-from ccoe_common.pb.lenient import Undecodable
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 
@@ -476,6 +477,8 @@ class RegistryService:
         active comes from the followed snapshot (no extra read per tick); each one is re-read
         under its revision before it is advanced."""
         state = self._snapshot or await self._io(self.store.desired_state)
+        if state is None:
+            return 0
         active = [name for name, r in state.rollouts.items() if ro.is_active(r)]
         if not active:
             return 0
@@ -556,7 +559,7 @@ class RegistryService:
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.warning("registry Redis unreachable, retrying: %s", e)
                 await asyncio.sleep(0.5)
-            except Exception:  # noqa: BLE001 - keep following whatever one read did
+            except Exception:
                 log.exception("reading the desired state failed")
                 await asyncio.sleep(0.5)
             try:
@@ -594,7 +597,7 @@ class RegistryService:
 
     # ---- config experts ----------------------------------------------------------------------
 
-    async def seed(self, uris: tuple[str, ...]) -> list[str]:
+    async def seed(self, uris: tuple[str, ...]) -> builtins.list[str]:  # `list` here is the method below
         """Register the experts the app config names, serving at once (no replica runs yet).
         Versions already registered are left alone, so a restart changes nothing."""
         seeded = []

@@ -13,20 +13,22 @@ Key schema (prefix `ccoe:`, all values UTF-8 JSON unless said otherwise):
 | `ccoe:rev` | string (int) | global revision, +1 on every change |
 | `ccoe:experts` | set | names of registered experts |
 | `ccoe:expert:{name}` | hash | `rev` (per-expert CAS revision), `latest` (newest registered version) |
-| `ccoe:expert:{name}:v:{version}` | hash | `manifest`, `uri`, `state` (`active`, `retired`, `failed`, `rolled_back`), `registered_rev` |
+| `ccoe:expert:{name}:v:{version}` | hash | `manifest`, `uri`, `state` (below), `registered_rev` |
 | `ccoe:desired` | hash | expert name -> the serving version (what requests resolve to) |
 | `ccoe:rollouts` | hash | expert name -> its rollout in progress or its last one (JSON) |
 | `ccoe:rules` | hash | `rev`, `table` |
 | `ccoe:audit` | stream | one entry per change: `who`, `what`, `detail`, `rev` (entry id = when) |
 | `ccoe:replica:{id}` | string, TTL | the replica's last report (loaded versions, health, memory) |
 | `ccoe:changes` | pub/sub channel | the new global revision after each change |
+
+A version's `state` is one of `active`, `retired`, `failed`, `rolled_back`.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis
@@ -168,6 +170,12 @@ def redis_client(url: str, **options: Any) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True, **options)
 
 
+# redis_client decodes every reply (decode_responses=True), so hash fields, set members and
+# stream entries are str; redis-py types them `bytes | str` since decoding is a client option.
+_Hash = dict[str, str]
+_Stream = list[tuple[str, _Hash]]
+
+
 class RegistryStore:
     def __init__(self, client: redis.Redis):
         self.r = client
@@ -269,7 +277,7 @@ class RegistryStore:
         return ExpertRecord(name, int(head["rev"]), latest, None if desired is None else int(desired), versions)
 
     def version(self, name: str, version: int) -> VersionRecord:
-        row = self.r.hgetall(self._version(name, version))
+        row = cast(_Hash, self.r.hgetall(self._version(name, version)))
         if not row:
             raise ExpertNotFound(f"expert {name!r} has no version {version}")
         return VersionRecord(name, version, row["uri"], row["state"], json.loads(row["manifest"]),
@@ -287,7 +295,7 @@ class RegistryStore:
         return int(self.r.hget(self._expert(name), "rev") or 0)
 
     def names(self) -> list[str]:
-        return sorted(self.r.smembers(PREFIX + "experts"))
+        return sorted(cast("set[str]", self.r.smembers(PREFIX + "experts")))
 
     def desired_state(self) -> DesiredState:
         """A consistent snapshot (one MULTI/EXEC): the full state a (re)connecting replica needs."""
@@ -306,7 +314,7 @@ class RegistryStore:
         pipe = self.r.pipeline(transaction=False)
         for name, version in keys:
             pipe.hget(self._version(name, version), "uri")
-        return {k: u for k, u in zip(keys, pipe.execute()) if u is not None}
+        return {k: u for k, u in zip(keys, pipe.execute(), strict=True) if u is not None}
 
     def rules(self) -> tuple[int, dict[str, Any] | None]:
         rev, table = self.r.hmget(PREFIX + "rules", "rev", "table")
@@ -314,8 +322,8 @@ class RegistryStore:
 
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         """Newest first."""
-        return [AuditEntry(id_, f["who"], f["what"], int(f["rev"]), json.loads(f["detail"]))
-                for id_, f in self.r.xrevrange(PREFIX + "audit", count=limit)]
+        entries = cast(_Stream, self.r.xrevrange(PREFIX + "audit", count=limit))
+        return [AuditEntry(id_, f["who"], f["what"], int(f["rev"]), json.loads(f["detail"])) for id_, f in entries]
 
     # ---- replicas ------------------------------------------------------------------------
 

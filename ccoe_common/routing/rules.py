@@ -103,7 +103,8 @@ class Match(BaseModel):
     domain: tuple[str, ...] = Field((), description="Domain tags; the request's tag must be one of them.")
     tenant: tuple[str, ...] = Field((), description="Values of the request metadata 'tenant'.")
     app: tuple[str, ...] = Field((), description="Values of the request metadata 'app'.")
-    keywords: tuple[str, ...] = Field((), description="Words or phrases, matched case-insensitively on word boundaries.")
+    keywords: tuple[str, ...] = Field(
+        (), description="Words or phrases, matched case-insensitively on word boundaries.")
     regex: tuple[str, ...] = Field((), description="RE2 regular expressions searched in the request text "
                                                     "(case-insensitive; no backreferences or lookarounds).")
 
@@ -386,11 +387,12 @@ def _conditions_hold(c: _Compiled, text: bytes, domain: str, metadata: dict[str,
         found = c.keyword_re.search(text)
         if found is None:
             return None
-        hit = next(k for k, g in zip(c.keywords, found.groups()) if g is not None)
+        hit = next(k for k, g in zip(c.keywords, found.groups(), strict=True) if g is not None)
         reasons.append(f"keyword {hit!r}")
     if c.regexes:
-        hit = next((p for p, rx in c.regexes if rx.search(text)), None)
-        if hit is None:
+        matched = next((p for p, rx in c.regexes if rx.search(text)), None)
+        if matched is None:
             return None
+        hit = matched
         reasons.append(f"regex /{hit}/")
     return reasons

@@ -36,11 +36,13 @@ class ReplicaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_replicas: int = Field(1, ge=1, le=1024, description="ModelReplica processes (one engine each).")
-    num_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves per replica (0 lets replicas share a small machine).")
+    num_cpus: float = Field(
+        0.0, ge=0, description="CPUs Ray reserves per replica (0 lets replicas share a small machine).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 on a GPU worker group).")
     device: str | None = Field(None, description="torch device; default cuda when num_gpus > 0, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
-    budget_fraction: float = Field(DEFAULT_BUDGET_FRACTION, gt=0, le=1, description="Largest expert as a fraction of the backbone.")
+    budget_fraction: float = Field(
+        DEFAULT_BUDGET_FRACTION, gt=0, le=1, description="Largest expert as a fraction of the backbone.")
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="torch threads per replica; default num_cpus, or when num_cpus is 0 an equal "
                                          "share of the machine's CPUs per replica (Ray alone would give such a "
@@ -102,7 +104,8 @@ class AppConfig(BaseModel):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     auth: AuthConfig | None = Field(None, description="Authentication: {mode: token, tokens_file: PATH} or "
                                                        "{mode: none}; see docs/security.md.")
-    grpc_port: int = Field(DEFAULT_GRPC_PORT, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy (local stack).")
+    grpc_port: int = Field(
+        DEFAULT_GRPC_PORT, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy (local stack).")
     redis_url: str | None = Field(None, description="Registry Redis; none = the local stack starts its own.")
 
     @field_validator("backbone", "rules")

@@ -6,15 +6,16 @@ from __future__ import annotations
 import uuid
 
 from ccoe_common.engine.params import GenerationRequest, SamplingParams, Usage
+from ccoe_common.engine.templates import Template
 from ccoe_common.errors import InvalidRequest, quote
 from ccoe_common.experts.reference import NAME_RE
 from ccoe_common.pb import inference_pb2 as pb
-from ccoe_common.routing.resolve import Route, RouteQuery
 from ccoe_common.pb.lenient import Undecodable
+from ccoe_common.routing.resolve import Mode, Route, RouteQuery
 from ccoe_common.serving.config import RouterConfig
 
-_TEMPLATES = {pb.RAW: "raw", pb.ALPACA: "alpaca", pb.CHAT: "chat"}
-_MODES = {pb.ROUTING_MODE_UNSPECIFIED: "AUTO", pb.AUTO: "AUTO", pb.RULES: "RULES", pb.EXPERT: "EXPERT",
+_TEMPLATES: dict[int, Template] = {pb.RAW: "raw", pb.ALPACA: "alpaca", pb.CHAT: "chat"}
+_MODES: dict[int, Mode] = {pb.ROUTING_MODE_UNSPECIFIED: "AUTO", pb.AUTO: "AUTO", pb.RULES: "RULES", pb.EXPERT: "EXPERT",
           pb.PLAN: "PLAN"}
 DEFAULT_MAX_TOKENS = 64
 

@@ -27,7 +27,6 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
@@ -53,7 +52,8 @@ def _refusal(request: Undecodable) -> str:
 
 def _is_async(handler: Callable[..., Any]) -> bool:
     return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
-               for f in (handler, getattr(handler, "__call__", None)) if f is not None)
+               # an async __call__ is what is looked for, not callability
+               for f in (handler, getattr(type(handler), "__call__", None)) if f is not None)  # noqa: B004
 
 
 def _refuse_undecodable(handler: Callable[..., Any], response_streaming: bool) -> Callable[..., Any]:
@@ -118,7 +118,7 @@ def _cancel_safe(stream_handler: Callable[[Any, Any], AsyncIterator[Any]]) -> Ca
             try:
                 async for item in stream_handler(request, call):
                     items.put_nowait(item)
-            except BaseException as e:  # handed to the call's task, which re-raises it
+            except BaseException as e:  # noqa: BLE001 - handed to the call's task, which re-raises it
                 items.put_nowait(e)
             else:
                 items.put_nowait(_END)

@@ -38,4 +38,4 @@ def apply_error(grpc_context, error: BaseException) -> None:
 
 
 def metadata_of(grpc_context) -> dict[str, str]:
-    return {k: v for k, v in (grpc_context.invocation_metadata() if grpc_context else [])}
+    return dict(grpc_context.invocation_metadata() if grpc_context else [])

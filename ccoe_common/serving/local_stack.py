@@ -26,8 +26,8 @@ from ccoe_common.auth.client import authorized_channel
 from ccoe_common.auth.config import NO_AUTH_SECTION
 from ccoe_common.auth.tokens import TokenEntry, mint_token, token_hash
 from ccoe_common.ports import free_port
-from ccoe_common.registry.redis_server import RedisServer
 from ccoe_common.registry.client import RegistryClient
+from ccoe_common.registry.redis_server import RedisServer
 from ccoe_common.serving.config import AppConfig, ConfigError
 from ccoe_common.serving.grpc_servicers import GRPC_SERVICERS
 from ccoe_common.serving.ray_auth import enable_ray_token_auth
@@ -76,6 +76,7 @@ class LocalStack:
         return RegistryClient(self.address, token=self.admin_token, **kwargs)
 
     def _mint_session_tokens(self, config: AppConfig) -> AppConfig:
+        assert config.auth is not None, "session tokens are minted for auth mode token only"
         self._session = tempfile.TemporaryDirectory(prefix="ccoe-session-")
         self.admin_token, self.inference_token = mint_token(), mint_token()
         path = os.path.join(self._session.name, "tokens.yaml")
@@ -149,7 +150,7 @@ class LocalStack:
                 # the controller still runs; shutting Serve down directly kills it mid-way.
                 try:
                     serve.delete(APP_NAME)
-                except Exception:  # noqa: BLE001 - the app may never have deployed
+                except Exception:  # the app may never have deployed
                     log.debug("no app to delete", exc_info=True)
                 serve.shutdown()
                 ray.shutdown()

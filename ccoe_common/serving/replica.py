@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ class ReplicaRuntime:
         self.metrics = Metrics()
         self.update_gauges()
 
-    async def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]:
+    async def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncGenerator[Event, None]:
         """Engine deltas as DeltaEvents; an error becomes one final ErrorEvent."""
         submitted_ns = time.time_ns()
         expert = "backbone" if request.expert is None else str(request.expert)
@@ -65,6 +65,7 @@ class ReplicaRuntime:
                     gaps.append(now - last)
                     last = now
                     if delta.finish_reason is not None:
+                        assert delta.usage is not None and delta.timings is not None  # set on the last delta
                         code = "OK"
                         _record_phases(submitted_ns, delta.timings, delta.usage)
                         s.set_attribute("finish_reason", delta.finish_reason)

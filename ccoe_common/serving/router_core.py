@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class ReplicaClient(Protocol):
-    def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]: ...
+    def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncGenerator[Event, None]: ...
 
 
 class LocalReplicaClient:
@@ -46,7 +46,7 @@ class LocalReplicaClient:
     def __init__(self, runtime):
         self.runtime = runtime
 
-    def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]:
+    def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncGenerator[Event, None]:
         return self.runtime.stream(request, carrier)
 
 
@@ -161,7 +161,7 @@ class RouterCore:
         return route, requests, [asked is None and version is not None for _, asked in route.experts]
 
     async def _one(self, request: GenerationRequest, carrier: dict[str, str],
-                   pinned_by_router: bool) -> AsyncIterator[Event]:
+                   pinned_by_router: bool) -> AsyncGenerator[Event, None]:
         """One request's events. If the router chose the version and the replica no longer
         holds it (a rollout finished a moment ago and this router's view lags), nothing has
         been streamed yet: wait briefly for the newer view and run it once more on that."""
@@ -200,7 +200,7 @@ class RouterCore:
         return dataclasses.replace(request, expert=ExpertKey(key.name, newer))
 
     async def _merged(self, requests: list[GenerationRequest],
-                      pinned: list[bool] | None = None) -> AsyncIterator[tuple[int, Event]]:
+                      pinned: list[bool] | None = None) -> AsyncGenerator[tuple[int, Event], None]:
         """Events of all requests as they come, tagged with the request's index."""
         carrier = tracing.inject()
         pinned = pinned or [False] * len(requests)
@@ -227,11 +227,11 @@ class RouterCore:
         try:
             open_streams = len(tasks)
             while open_streams:
-                i, event = await queue.get()
-                if event is None:
+                i, got = await queue.get()
+                if got is None:
                     open_streams -= 1
                     continue
-                yield i, event
+                yield i, got
             for t in tasks:
                 t.result()  # surface a pump's exception, if any
         finally:
@@ -314,7 +314,7 @@ class RouterCore:
             route=route_trace(route, versions),
         )
         if route.fans_out:
-            for (name, _), p in zip(route.experts, parts):
+            for (name, _), p in zip(route.experts, parts, strict=True):
                 response.fanout.append(pb.FanoutResult(
                     expert=pb.ExpertRef(name=name, version=versions.get(name, 0)), text="".join(p["text"]),
                     token_ids=p["ids"], finish_reason=p["last"].finish_reason, usage=usage(p["last"].usage)))

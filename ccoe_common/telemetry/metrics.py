@@ -33,7 +33,8 @@ _COUNTERS = {
     "ccoe_prompt_tokens_total": ("Prompt tokens of finished requests.", ("expert",)),
     "ccoe_generated_tokens_total": ("Generated tokens.", ("expert",)),
     "ccoe_router_requests_total": ("gRPC calls by route policy and status.", ("policy", "code")),
-    "ccoe_expert_loads_total": ("Expert versions a replica loaded for the registry, by outcome.", ("expert", "outcome")),
+    "ccoe_expert_loads_total": ("Expert versions a replica loaded for the registry, by outcome.",
+                                ("expert", "outcome")),
     "ccoe_rollouts_total": ("Finished rollouts by outcome.", ("expert", "outcome")),
 }
 _HISTOGRAMS = {

@@ -32,9 +32,10 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
 
-from ccoe_common.telemetry.config import TelemetryConfig
 from ccoe_common.settings import load_settings
+from ccoe_common.telemetry.config import TelemetryConfig
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _lock = threading.Lock()
@@ -108,13 +109,18 @@ def inject() -> dict[str, str]:
 
 
 @contextmanager
-def span(name: str, parent: otel_context.Context | None = None, **attributes: object) -> Iterator[trace.Span]:
-    with tracer().start_as_current_span(name, context=parent,
-                                        attributes={k: v for k, v in attributes.items() if v is not None}) as s:
+def span(name: str, parent: otel_context.Context | None = None,
+         **attributes: AttributeValue | None) -> Iterator[trace.Span]:
+    with tracer().start_as_current_span(name, context=parent, attributes=_known(attributes)) as s:
         yield s
 
 
-def record_phase(name: str, start_ns: int, end_ns: int, **attributes: object) -> None:
+def record_phase(name: str, start_ns: int, end_ns: int, **attributes: AttributeValue | None) -> None:
     """A finished child span of the current span, for a phase measured elsewhere (queue, prefill)."""
-    s = tracer().start_span(name, start_time=start_ns, attributes={k: v for k, v in attributes.items() if v is not None})
+    s = tracer().start_span(name, start_time=start_ns, attributes=_known(attributes))
     s.end(end_time=max(end_ns, start_ns))
+
+
+def _known(attributes: Mapping[str, AttributeValue | None]) -> dict[str, AttributeValue]:
+    """The attributes that have a value: None means "not known" and is left off the span."""
+    return {k: v for k, v in attributes.items() if v is not None}

@@ -16,7 +16,7 @@ from ccoe_common.training.data import Example
 from ccoe_common.training.trainer import FullTarget, TrainConfig, TrainResult, fit
 
 
-def mixed(backbone: Backbone, per_domain: dict[str, Sequence[Example]], config: TrainConfig, *, pad_id: int,
+def mixed(backbone: Backbone, per_domain: Mapping[str, Sequence[Example]], config: TrainConfig, *, pad_id: int,
           quiet: bool = False) -> tuple[Backbone, TrainResult]:
     """One copy fine-tuned on the union of all domains (the sampler shuffles them together)."""
     model = copy.deepcopy(backbone)
@@ -26,7 +26,7 @@ def mixed(backbone: Backbone, per_domain: dict[str, Sequence[Example]], config: 
     return model, result
 
 
-def sequential(backbone: Backbone, per_domain: dict[str, Sequence[Example]], order: Sequence[str],
+def sequential(backbone: Backbone, per_domain: Mapping[str, Sequence[Example]], order: Sequence[str],
                config: TrainConfig | Mapping[str, TrainConfig], *, pad_id: int,
                after_stage: Callable[[str, Backbone], None] | None = None,
                quiet: bool = False) -> tuple[Backbone, list[TrainResult]]:

@@ -174,7 +174,7 @@ def tokenize(record: Record, tokenizer, max_seq_len: int) -> Example | None:
     prompt = tokenizer(record.prompt, add_special_tokens=False).input_ids
     response = tokenizer(record.response, add_special_tokens=False).input_ids
     if tokenizer.eos_token_id is not None:
-        response = response + [tokenizer.eos_token_id]
+        response = [*response, tokenizer.eos_token_id]
     ids = (prompt + response)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_seq_len]
     if all(x == IGNORE_INDEX for x in labels):

@@ -106,8 +106,9 @@ def train_expert(
     """Train `expert` on `train_data` with the backbone frozen and write it to `out_uri`.
 
     version: the version written (default: the carved expert's version, or the artifact's
-    version + 1 when `continued_from`, the artifact URI it was loaded from, is given). The manifest's `training` field records the data hash, steps, losses and
-    hyper-parameters, so a version can be traced to what made it.
+    version + 1 when `continued_from`, the artifact URI it was loaded from, is given). The
+    manifest's `training` field records the data hash, steps, losses and hyper-parameters, so
+    a version can be traced to what made it.
     """
     tok = model.tokenizer
     if tok is None:

@@ -59,7 +59,8 @@ def sweep_sizes(
     k = get_kind(kind)
     # Refuse sizes over the budget before spending any training time on the others.
     placements = {n: Placement(strategy=strategy, num_layers=n) for n in sizes}
-    layer_sets = {n: resolve_layers(model.backbone, model.info, k, p, model.budget_fraction) for n, p in placements.items()}
+    layer_sets = {n: resolve_layers(model.backbone, model.info, k, p, model.budget_fraction)
+                  for n, p in placements.items()}
 
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -80,6 +81,7 @@ def sweep_sizes(
             run = train_expert(model, expert, train_data, eval_data, config, out_uri=f"{tmp}/{name}-{n}",
                                split=split, quiet=quiet)
             eps = run.result.best_eval_loss if run.result.best_eval_loss is not None else run.result.final_eval_loss
+            assert eps is not None, "a run with eval examples (checked above) reports an eval loss"
             prev = rows[-1]
             d_eps, d_theta = eps - prev.eval_loss, expert.parameter_count - prev.parameters
             gain = -d_eps / d_theta * 1e6 if d_theta else None
@@ -90,8 +92,8 @@ def sweep_sizes(
 
 def best_size(rows: Sequence[SweepRow]) -> SweepRow:
     """The size whose step up gave the highest gain (the paper's selection rule)."""
-    trained = [r for r in rows if r.gain_per_million is not None]
-    return max(trained, key=lambda r: r.gain_per_million)
+    trained = [(r, r.gain_per_million) for r in rows if r.gain_per_million is not None]
+    return max(trained, key=lambda pair: pair[1])[0]
 
 
 def rows_as_json(rows: Sequence[SweepRow]) -> list[dict]:

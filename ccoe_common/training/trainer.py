@@ -63,7 +63,8 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(50, ge=1, description="Compute the eval loss every this many steps (and at the end).")
     eval_batch_size: int = Field(32, ge=1, description="Examples per eval forward.")
     early_stop_patience: int = Field(0, ge=0, description="Stop after this many evals without improvement; 0 = never.")
-    early_stop_min_delta: float = Field(1e-3, ge=0, description="An eval loss must beat the best by this much to count.")
+    early_stop_min_delta: float = Field(
+        1e-3, ge=0, description="An eval loss must beat the best by this much to count.")
     restore_best: bool = Field(True, description="End with the weights of the best eval (when there is an eval set).")
     checkpoint_every: int = Field(100, ge=1, description="Write a resumable checkpoint every this many steps.")
     log_every: int = Field(10, ge=1, description="Write a metrics line every this many steps.")
@@ -321,8 +322,8 @@ def fit(
             micro = []
             for k in range(config.grad_accum):
                 g0 = (step * config.grad_accum + k) * config.batch_size
-                micro.append(collate([train[sample_index(config.seed, g, n)] for g in range(g0, g0 + config.batch_size)],
-                                     pad_id))
+                picked = [train[sample_index(config.seed, g, n)] for g in range(g0, g0 + config.batch_size)]
+                micro.append(collate(picked, pad_id))
             # Normalise by the response tokens of the whole step, so accumulation equals one big batch.
             step_targets = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _ in micro)
             step_loss = 0.0

@@ -20,8 +20,7 @@ from ccoe_common.model.synthetic import build_tokenizer, make_checkpoint
 from ccoe_common.training.data import Example
 from ccoe_common.training.trainer import FullTarget, TrainConfig, TrainResult, fit
 from ccoe_common.zoo.config import ZooConfig
-from ccoe_common.zoo.domains import Domain
-from ccoe_common.zoo.domains import generic
+from ccoe_common.zoo.domains import Domain, generic
 
 EOS = "</s>"
 
@@ -53,7 +52,7 @@ def pack(docs: list[str], tokenizer, seq_len: int) -> list[Example]:
     """Concatenate documents (EOS between them) and cut into seq_len chunks, loss on every token."""
     stream: list[int] = []
     for d in docs:
-        stream += tokenizer(d, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        stream += [*tokenizer(d, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
     return [Example(stream[i:i + seq_len], stream[i:i + seq_len])
             for i in range(0, len(stream) - seq_len + 1, seq_len)]
 
@@ -86,7 +85,8 @@ def pretrain_backbone(out_dir: Path, domains: list[Domain], config: ZooConfig, *
              for k, v in backbone.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if "rotary" not in m]:
-        raise RuntimeError(f"pre-trained weights do not match the checkpoint: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"pre-trained weights do not match the checkpoint: missing {missing}, "
+                           f"unexpected {unexpected}")
     hf.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     for f in init_dir.iterdir():

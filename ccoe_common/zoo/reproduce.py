@@ -83,6 +83,7 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     build_zoo(workdir, config, quiet=quiet)
     zoo = read_zoo(workdir)
+    assert zoo is not None, "build_zoo has just written it"
     t0 = time.monotonic()
     model = CCoEModel.from_pretrained(zoo["backbone"]["path"])
     names = list(config.domains)
@@ -126,8 +127,8 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
         copy_b = start_expert(model, from_uri=zoo["experts"][other]["uri"])
         quick = expert_config(config).model_copy(update={"steps": 10, "warmup_steps": 1, "eval_every": 10})
         run = train_expert(model, copy_b, read_records(zoo["data"][other]["train"], model.tokenizer), None, quick,
-                           out_uri=str(workdir / "reproduce" / f"{other}-v2"), continued_from=zoo["experts"][other]["uri"],
-                           quiet=True)
+                           out_uri=str(workdir / "reproduce" / f"{other}-v2"),
+                           continued_from=zoo["experts"][other]["uri"], quiet=True)
         model.push(run.uri)
         after_train = probe_logits()
         answers_after = batched_greedy(model, prompts[first], [first] * len(prompts[first]),
@@ -143,13 +144,13 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
     routed = [rules.route(tests[d][i].instruction)[0] for d, i in order]
     mixed = batched_greedy(model, [prompts[d][i] for d, i in order], routed, max_new_tokens=MAX_NEW_TOKENS)
     for d in names:
-        acc[d]["mixed_batch"] = score(d, [a for (dd, _), a in zip(order, mixed) if dd == d])
+        acc[d]["mixed_batch"] = score(d, [a for (dd, _), a in zip(order, mixed, strict=True) if dd == d])
     say("    served: pushing every expert through the registry onto the local gRPC stack")
     with stdout_to_stderr():  # Ray prints to stdout; --json output must stay clean
         served, served_routes = served_answers(
             zoo["backbone"]["path"], {d: zoo["experts"][d]["uri"] for d in names}, rules,
             {d: [p.instruction for p in tests[d]] for d in names}, MAX_NEW_TOKENS, say)
-    routing_ok = {d: 0.0 for d in names}
+    routing_ok = dict.fromkeys(names, 0.0)
     served_equal = {}
     for d in names:
         acc[d]["served"] = score(d, served[d])
@@ -177,7 +178,8 @@ def reproduce(workdir: Path, config: ZooConfig | None = None, *, quiet: bool = F
 
     def after_stage(d: str, bb: Backbone) -> None:
         view = CCoEModel(bb, model.info, model.tokenizer)
-        own_stage[d] = score(d, batched_greedy(view, prompts[d], [None] * len(prompts[d]), max_new_tokens=MAX_NEW_TOKENS))
+        own_stage[d] = score(d, batched_greedy(view, prompts[d], [None] * len(prompts[d]),
+                                               max_new_tokens=MAX_NEW_TOKENS))
 
     seq = _cached_baseline(base_dir / "sequential.safetensors", lambda: baselines.sequential(
         model.backbone, per_domain, names, stages, pad_id=pad,

@@ -30,7 +30,7 @@ VALIDATE_TIMEOUT_S = 120.0
 
 @serve.deployment(graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.1)
 class Registry:
-    async def __init__(self, config: dict[str, Any]):
+    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]  # Ray Serve awaits an async constructor
         self.config = AppConfig.load(config)
         if self.config.redis_url is None:
             raise ValueError("config field redis_url: the registry needs a Redis URL (the local stack starts one)")

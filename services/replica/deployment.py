@@ -26,7 +26,7 @@ FIRST_SYNC_TIMEOUT_S = 300.0
 
 @serve.deployment(graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.2, health_check_period_s=5)
 class ModelReplica:
-    async def __init__(self, config: dict[str, Any]):
+    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]  # Ray Serve awaits an async constructor
         cfg = AppConfig.load(config)
         tune_process(cfg.replica)
         self.runtime = await asyncio.to_thread(ReplicaRuntime, cfg, load_config_experts=False)

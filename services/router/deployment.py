@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -30,7 +30,6 @@ from ccoe_common.serving.grpc_status import apply_error, metadata_of
 from ccoe_common.serving.router_core import RouterCore
 from services.handles import cancelling, watch_desired_state
 
-
 log = logging.getLogger(__name__)
 FIRST_SYNC_TIMEOUT_S = 300.0
 
@@ -41,13 +40,14 @@ class HandleReplicaClient:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
-    def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncIterator[Event]:
+    def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncGenerator[Event, None]:
         return cancelling(self.handle.options(stream=True).generate.remote(request, carrier))
 
 
 @serve.deployment(graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.2)
 class Router:
-    async def __init__(self, replica: DeploymentHandle, registry: DeploymentHandle, config: dict[str, Any]):
+    async def __init__(  # type: ignore[misc]  # Ray Serve awaits an async constructor
+            self, replica: DeploymentHandle, registry: DeploymentHandle, config: dict[str, Any]):
         self.replica = replica
         self.registry = registry
         cfg = AppConfig.load(config)
@@ -98,7 +98,7 @@ class Router:
             self._admit("GenerateStream", request, metadata)
             async for message in self.core.generate_stream(request, metadata):
                 yield message
-        except Exception as e:  # noqa: BLE001 - the gRPC edge
+        except Exception as e:  # the gRPC edge
             # Ray applies a stream's status only with a message or an exception: re-raising
             # after setting the code makes the proxy answer with that code, not INTERNAL.
             apply_error(grpc_context, e)
@@ -164,7 +164,7 @@ class Router:
             self.guard.check(f"{REGISTRY}/WatchDesiredState", metadata_of(grpc_context))
             async for message in watch_desired_state(self.registry, request.replica_id):
                 yield message
-        except Exception as e:  # noqa: BLE001 - the gRPC edge
+        except Exception as e:  # the gRPC edge
             apply_error(grpc_context, e)
             raise
 

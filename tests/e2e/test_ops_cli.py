@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.experts.artifact import read_artifact, write_artifact
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.ports import free_port
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack

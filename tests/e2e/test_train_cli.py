@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def test_sweep_reports_a_gain_per_size(qwen2_dir, data, tmp_path):
     rows = out["rows"]
     assert [r["layers"] for r in rows] == [0, 1, 2]
     assert rows[0]["parameters"] == 0 and rows[0]["gain_per_million"] is None
-    for prev, row in zip(rows, rows[1:]):
+    for prev, row in pairwise(rows):
         assert row["parameters"] > prev["parameters"]
         assert row["gain_per_million"] == pytest.approx(
             -(row["eval_loss"] - prev["eval_loss"]) / (row["parameters"] - prev["parameters"]) * 1e6)

@@ -66,7 +66,8 @@ def stack(tmp_path_factory):
     config = AppConfig.load({
         "backbone": str(demo_backbone(work)),
         "experts": [uris["math"], uris["sql"]],
-        "rules_inline": {"version": 1, "rules": [{"id": "acme-sql", "match": {"tenant": ["acme"]}, "experts": ["sql"]}]},
+        "rules_inline": {"version": 1,
+                         "rules": [{"id": "acme-sql", "match": {"tenant": ["acme"]}, "experts": ["sql"]}]},
         "replica": {"engine": {"max_seq_len": 256, "max_running": 4}},
         "auth": {"mode": "token", "tokens_file": str(tokens),
                  "rate_limit": {"requests_per_s": 0.5, "burst": BURST}},
@@ -152,7 +153,8 @@ def test_a_tenant_bound_token_routes_only_as_its_tenant(stack):
     assert _route(stack, "tok-app", "acme") == "acme-sql"
     with pytest.raises(grpc.RpcError) as err:
         _route(stack, "tok-app", "globex")
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "may act as tenant(s) ['acme']" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "may act as tenant(s) ['acme']" in err.value.details()
     assert _route(stack, "tok-any", "globex") != "acme-sql"  # an unbound token names its tenant freely
     assert _route(stack, "tok-any", "acme") == "acme-sql"
 

@@ -16,12 +16,12 @@ import grpc
 import pytest
 import redis
 
-from ccoe_common.model.demo_assets import demo_backbone, demo_experts, nudge
 from ccoe_common.model import CCoEModel
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts, nudge
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc
-from ccoe_common.registry.client import RegistryClient, RolloutFailed, policy
 from ccoe_common.ports import free_port
+from ccoe_common.registry.client import RegistryClient, RolloutFailed, policy
 from ccoe_common.registry.redis_server import RedisServer
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.local_stack import LocalStack
@@ -227,7 +227,7 @@ def test_rollout_under_streaming_load_fails_nothing_and_never_mixes(registry, st
             done = registry.wait_rollout("math", pushed.rollout.id, timeout_s=180)
             assert done.state == "done" and {s.state for s in done.replicas} == {"ready"}
             before = len(load.responses)
-            wait_for(lambda: len(load.responses) > before + 3, 120, "responses after the rollout")
+            wait_for(lambda before=before: len(load.responses) > before + 3, 120, "responses after the rollout")
     seen = load.check()
     assert {1, latest + 1, latest + 2} <= seen | {1}
     assert latest + 2 in seen and latest + 1 in seen

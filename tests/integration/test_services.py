@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from ccoe_common.auth.client import authorized_channel
-from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.experts.artifact import read_artifact
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.pb import inference_pb2_grpc, registry_pb2_grpc
 from ccoe_common.pb import registry_pb2 as rpb
@@ -185,7 +185,8 @@ def test_unknown_expert_is_not_found(stub):
         with pytest.raises(grpc.RpcError) as err:
             call(pb.GenerateRequest(prompt="x", expert=pb.ExpertRef(name="medical")), timeout=60)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "expert 'medical' is not served" in err.value.details() and "serving: ['math', 'sql']" in err.value.details()
+        details = err.value.details()
+        assert "expert 'medical' is not served" in details and "serving: ['math', 'sql']" in details
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(pb.GenerateRequest(prompt="x", expert=pb.ExpertRef(name="math", version=7)), timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -377,7 +378,7 @@ TRUNCATED = b"\x0a\x05ab"  # field 1, length 5, two bytes: no request message de
 def test_bytes_that_do_not_decode_are_invalid_argument_on_every_method(channel, admin_channel, stub):
     from ccoe_common.serving.grpc_servicers import REGISTRY_SERVICE, SERVICE
 
-    identity = dict(request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
     descriptors = {SERVICE: pb.DESCRIPTOR.services_by_name["Inference"],
                    REGISTRY_SERVICE: rpb.DESCRIPTOR.services_by_name["Registry"]}
     answered = {}
@@ -406,7 +407,7 @@ def test_push_never_fetches_a_url_nor_reads_outside_the_allowed_places(stack, ad
     hits = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
+        def do_GET(self):
             hits.append(self.path)
             self.send_response(404)
             self.end_headers()
@@ -477,7 +478,7 @@ def test_an_upload_the_client_abandons_is_removed(stack, admin_channel):
     release = threading.Event()
 
     def chunks():
-        for i in range(3):
+        for _i in range(3):
             yield rpb.ArtifactChunk(expert="law", version=7, file="weights.safetensors", data=b"x" * 1024)
         release.wait(60)  # the client goes quiet, then away
 

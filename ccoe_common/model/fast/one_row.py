@@ -20,14 +20,15 @@ K = keys so far, P = positions in a slot.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ccoe_common.model.fast.products import mv, row_product
-from ccoe_common.model.layers import MLP, Attention, apply_rotary, rms_norm
+from ccoe_common.model.layers import MLP, Attention, DecoderLayer, apply_rotary, rms_norm
 
 if TYPE_CHECKING:
     from ccoe_common.model.attention_batch import AttentionBatch
@@ -58,7 +59,7 @@ def decode_row(batch: AttentionBatch) -> DecodeRow | None:
                      cos=batch.cos.reshape(-1), sin=batch.sin.reshape(-1))
 
 
-def row_layers(layers: nn.ModuleList, h: Tensor, row: DecodeRow, expert: LoadedExpert | None) -> Tensor:
+def row_layers(layers: Iterable[DecoderLayer], h: Tensor, row: DecodeRow, expert: LoadedExpert | None) -> Tensor:
     """Every decoder layer for the row's token, on `expert`'s modules (None: the backbone's):
     h [D] -> [D]."""
     for i, layer in enumerate(layers):

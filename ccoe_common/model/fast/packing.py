@@ -85,7 +85,7 @@ def stack_rows(linears: Sequence[nn.Linear]) -> RowStack | None:
             if params[0] is None:
                 continue
             stacked = torch.cat([p.detach() for p in params])
-            for p, block in zip(params, stacked.split([p.shape[0] for p in params])):
+            for p, block in zip(params, stacked.split([p.shape[0] for p in params]), strict=True):
                 p.data = block
     return RowStack(
         weights=tuple(lin.weight.data_ptr() for lin in linears),

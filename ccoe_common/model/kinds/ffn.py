@@ -23,4 +23,5 @@ class FfnKind(ExpertKind):
         return MLP(config, device=device)
 
     def parts(self, module: nn.Module, base: LayerParts) -> LayerParts:
+        assert isinstance(module, MLP)
         return LayerParts(base.input_layernorm, base.self_attn, base.post_attention_layernorm, module)

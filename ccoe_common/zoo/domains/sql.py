@@ -64,7 +64,8 @@ class TextToSQL(Domain):
         salary = rng.randint(4, 14) * 10000
         kind = rng.randrange(9)
         if kind == 0:
-            q, sql = f"List the names of employees in the {dept} department.", f"SELECT name FROM employees WHERE dept = '{dept}';"
+            q, sql = (f"List the names of employees in the {dept} department.",
+                      f"SELECT name FROM employees WHERE dept = '{dept}';")
         elif kind == 1:
             q, sql = f"How many employees work in {city}?", f"SELECT COUNT(*) FROM employees WHERE city = '{city}';"
         elif kind == 2:

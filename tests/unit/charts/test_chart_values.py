@@ -45,7 +45,7 @@ def _documented_keys(text: str) -> tuple[list[str], list[str]]:
                 pending = False
             continue
         depth = len(m.group(1)) // 2
-        stack = stack[:depth] + [m.group(2)]
+        stack = [*stack[:depth], m.group(2)]
         path = ".".join(stack)
         keys.append(path)
         is_group = line.rstrip().endswith(":")  # a block of further keys, documented one by one

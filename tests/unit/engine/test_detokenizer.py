@@ -48,7 +48,7 @@ def test_stop_string_spanning_tokens(tok):
 
 def test_long_output_matches_one_full_decode(tok):
     text = "Compute 12 + 7 and 144 / 12. SELECT name FROM users WHERE age > 30; café 東京 " * 5
-    deltas, d = stream(tok, text)
+    deltas, _ = stream(tok, text)
     assert "".join(deltas) == tok.decode(tok(text, add_special_tokens=False).input_ids) == text
 
 

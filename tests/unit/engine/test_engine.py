@@ -82,7 +82,7 @@ def test_requests_in_a_busy_mixed_batch_equal_their_solo_runs(model, engine):
         return await asyncio.gather(*tasks)
 
     results = asyncio.run(run())
-    for (p, e, n), res, exp in zip(cases, results, expected):
+    for (p, e, _), res, exp in zip(cases, results, expected, strict=True):
         assert res.token_ids == exp, (e, p[:3])
         assert res.expert == (None if e is None else model.get(e).key)
     assert engine.stats().running == 0 and engine.stats().free_slots == 6
@@ -111,7 +111,8 @@ def test_a_seeded_sampled_request_draws_the_same_alone_or_in_a_busy_batch(model,
 
     busy = asyncio.run(run())[2]
     assert busy.token_ids == alone.token_ids
-    other_seed = SamplingParams.create(max_new_tokens=16, ignore_eos=True, temperature=0.9, top_p=0.95, top_k=40, seed=8)
+    other_seed = SamplingParams.create(max_new_tokens=16, ignore_eos=True, temperature=0.9, top_p=0.95, top_k=40,
+                                       seed=8)
     assert engine.complete_sync(GenerationRequest(prompt_ids=prompt, expert="math", sampling=other_seed),
                                 timeout=60).token_ids != alone.token_ids
 
@@ -280,7 +281,8 @@ def test_deadline_ends_a_long_request_and_frees_its_slot(engine):
         engine.complete_sync(GenerationRequest(prompt_ids=[5, 6], sampling=greedy(90), timeout_s=0.2), timeout=60)
     assert engine.stats().free_slots == 6
     # and the engine still serves
-    assert engine.complete_sync(GenerationRequest(prompt_ids=[5], sampling=greedy(2)), timeout=60).usage.completion_tokens == 2
+    done = engine.complete_sync(GenerationRequest(prompt_ids=[5], sampling=greedy(2)), timeout=60)
+    assert done.usage.completion_tokens == 2
 
 
 def test_overload_is_retryable_and_nothing_queued_is_lost(model):
@@ -405,5 +407,5 @@ def test_compiled_layers_give_the_eager_tokens(model):
 
         batched = asyncio.run(run())
     assert alone.token_ids == expected[0]
-    for (p, e, n), res, exp in zip(cases, batched, expected):
+    for (p, e, _), res, exp in zip(cases, batched, expected, strict=True):
         assert res.token_ids == exp, (e, p[:3])

@@ -187,7 +187,7 @@ def test_extreme_sampling_values(engine, alone):
     extremes = [submit(engine, f"extreme-{i}", sampling=greedy(BAD_N, logprobs=True, **kw))
                 for i, kw in enumerate(EXTREMES)]
     assert_unharmed(engine, streams, alone)
-    for kw, extreme in zip(EXTREMES, extremes):
+    for kw, extreme in zip(EXTREMES, extremes, strict=True):
         assert not extreme.wait().errors and len(extreme.tokens) == BAD_N, (kw, extreme.errors)
         logprobs = [lp for ev in extreme.events for lp in ev.logprobs]
         assert len(logprobs) == BAD_N and all(-float("inf") < lp <= 0 for lp in logprobs), kw
@@ -365,7 +365,7 @@ def test_a_forward_that_keeps_failing_fails_its_rows_once_and_the_engine_serves_
     monkeypatch.setattr(engine.model, "forward", forward)
     broken.set()
     streams = start_well_formed(engine)
-    for rid, stream in streams.items():
+    for _rid, stream in streams.items():
         ended_alone_with(stream, EngineError, "RuntimeError: injected: persistent fault")
     # Each row is in one failed forward and one more (its expert's): nobody is tried a third
     # time, however the four requests fell into steps.

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from ccoe_common.errors import ExpertNotFound, ExpertNotReady
 from ccoe_common.engine.residency import ExpertResidency
+from ccoe_common.errors import ExpertNotFound, ExpertNotReady
 from ccoe_common.experts.errors import ExpertVersionExists
 from ccoe_common.experts.reference import ExpertKey
 

@@ -90,7 +90,8 @@ def test_half_precision_logits_choose_as_fp32_does_in_a_mixed_batch():
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(6, 1000, generator=gen) * 4).bfloat16()
     logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: index 10 must win
-    specs = [{}, {}, {"logprobs": True}, {"temperature": 0.7, "seed": 5}, {}, {"temperature": 0.7, "seed": 6, "logprobs": True}]
+    specs = [{}, {}, {"logprobs": True}, {"temperature": 0.7, "seed": 5}, {},
+             {"temperature": 0.7, "seed": 6, "logprobs": True}]
     tokens, lps = sample(logits, [row(**kw) for kw in specs])
     wide = logits.float()
     for i, kw in enumerate(specs):

@@ -27,7 +27,8 @@ def model(deep_qwen2_dir) -> CCoEModel:
 @pytest.fixture()
 def artifact(model, tmp_path) -> Path:
     path = tmp_path / "math"
-    nudge(model.carve("math", placement=Placement(num_layers=2), domains=["math"]), 0).to_artifact(str(path), model.info)
+    expert = nudge(model.carve("math", placement=Placement(num_layers=2), domains=["math"]), 0)
+    expert.to_artifact(str(path), model.info)
     return path
 
 

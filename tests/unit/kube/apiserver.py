@@ -88,7 +88,7 @@ class FakeApiServer:
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 url = urlsplit(self.path)
                 api.requests.append(f"GET {self.path}")
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}

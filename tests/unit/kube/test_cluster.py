@@ -37,10 +37,10 @@ class _RegistryGlue(registry_pb2_grpc.RegistryServicer):
     def __init__(self, service: RegistryService):
         self.service = service
 
-    async def ListExperts(self, request, context):  # noqa: N802 - gRPC's names
+    async def ListExperts(self, request, context):
         return await self.service.list()
 
-    async def GetExpert(self, request, context):  # noqa: N802
+    async def GetExpert(self, request, context):
         return await self.service.get(request.name)
 
 
@@ -124,7 +124,7 @@ def test_cluster_status_shows_the_rayservice_pods_and_loaded_versions(api, kubec
 
 def test_the_contexts_namespace_is_the_default(api, tmp_path, capsys):
     config = api.kubeconfig(tmp_path / "with-ns", namespace=NS)
-    code, out, err = _ccoe(capsys, "--kubeconfig", str(config), "--release", "demo", "expert", "list", "--json")
+    code, _, err = _ccoe(capsys, "--kubeconfig", str(config), "--release", "demo", "expert", "list", "--json")
     assert code == 0, err
 
 

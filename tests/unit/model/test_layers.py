@@ -35,7 +35,8 @@ def test_decode_attention_folds_shared_heads_into_query_rows(masked, monkeypatch
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     shapes = []
     real = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: shapes.append(q.shape) or real(q, *a, **kw))
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: shapes.append(q.shape) or real(q, *a, **kw))
     got = attn._attend(q, k, v, mask)
     assert shapes == [(b, 2, 3, 8)], "one query row per head of a key/value group"
     assert got.shape == want.shape

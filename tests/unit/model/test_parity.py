@@ -118,8 +118,9 @@ def test_whole_prompts_from_zero_take_the_causal_kernel_with_the_masked_result(l
     with torch.no_grad():
         causal = ours.forward(ids, [None, None])
         real = ab.build_attention_batch  # the backbone's copy of the name is the one it calls
-        monkeypatch.setattr(backbone_module, "build_attention_batch",
-                            lambda *a, **kw: dataclasses.replace(b := real(*a, **kw), causal=False, mask=_causal_mask(b)))
+        monkeypatch.setattr(
+            backbone_module, "build_attention_batch",
+            lambda *a, **kw: dataclasses.replace(b := real(*a, **kw), causal=False, mask=_causal_mask(b)))
         masked = ours.forward(ids, [None, None])
     assert (causal - masked).abs().max().item() <= ATOL
 

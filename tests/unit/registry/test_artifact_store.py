@@ -67,7 +67,8 @@ def test_put_copies_and_the_copy_reads_back(store, src):
     assert stored.uri == store.uri_for("math", 1) == f"{store.root}/math/v1"
     assert (stored.name, stored.version) == ("math", 1)
     copy = read_artifact(stored.uri)
-    assert torch.equal(copy.tensors["layers.0.mlp.up_proj.weight"], read_artifact(src).tensors["layers.0.mlp.up_proj.weight"])
+    up = "layers.0.mlp.up_proj.weight"
+    assert torch.equal(copy.tensors[up], read_artifact(src).tensors[up])
     assert stored.weights_sha256 == copy.manifest.weights_sha256 == stored.manifest.weights_sha256
     fs, path = fsspec.core.url_to_fs(stored.uri)
     assert stored.bytes == fs.size(f"{path}/{WEIGHTS_FILE}") + fs.size(f"{path}/{MANIFEST_FILE}")

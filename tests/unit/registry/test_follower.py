@@ -20,8 +20,8 @@ from ccoe_common.errors import ExpertNotReady
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model import CCoEModel, Placement
 from ccoe_common.pb import registry_pb2 as pb
-from ccoe_common.registry.follower import ReplicaFollower
 from ccoe_common.registry.config import RegistryConfig
+from ccoe_common.registry.follower import ReplicaFollower
 from tests.helpers import nudge
 
 

@@ -35,7 +35,7 @@ def test_all_at_once_assigns_everyone_then_flips_when_all_hold_it():
 
 def test_canary_first_then_max_unavailable_at_a_time():
     policy = RolloutPolicy("canary", canary_replicas=1, max_unavailable=2, canary_wait_s=5)
-    live = {x: HAS_V1 for x in "abcd"}
+    live = dict.fromkeys("abcd", HAS_V1)
     r = advance(new_rollout("math", 1, 2, policy, now=0), live, now=0).rollout
     assert r["assigned"] == ["a"] and r["state"] == "canary"
     live["a"] = HAS_V2

@@ -15,11 +15,11 @@ import pytest
 from ccoe_common.experts.artifact import read_artifact
 from ccoe_common.experts.manifest import MANIFEST_FILE, WEIGHTS_FILE
 from ccoe_common.pb import registry_pb2 as pb
+from ccoe_common.pb.lenient import Undecodable
 from ccoe_common.registry.artifact_store import ArtifactConflict, ArtifactStore
 from ccoe_common.registry.config import RegistryConfig
 from ccoe_common.registry.errors import BadRequest, LimitExceeded, UploadAbandoned
 from ccoe_common.registry.service import receive_upload
-from ccoe_common.pb.lenient import Undecodable
 from tests.unit.registry.test_artifact_store import make_artifact, uploads_left
 
 
@@ -161,7 +161,8 @@ def test_refused_or_abandoned_uploads_leave_nothing_behind(tmp_path, src, case):
         source, error, fragment = CancelledStream(chunks[:3]), UploadAbandoned, "the client cancelled"
     else:
         bad = Undecodable("ccoe.v1.ArtifactChunk", "is not a valid ccoe.v1.ArtifactChunk: truncated")
-        source, error, fragment = stream([*chunks[:2], bad]), BadRequest, "chunk 2: is not a valid ccoe.v1.ArtifactChunk"
+        source, error = stream([*chunks[:2], bad]), BadRequest
+        fragment = "chunk 2: is not a valid ccoe.v1.ArtifactChunk"
     with pytest.raises(error) as err:
         run_upload(store, source, idle_timeout_s=0.2)
     assert fragment in str(err.value)

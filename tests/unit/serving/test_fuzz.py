@@ -75,8 +75,8 @@ class InProcessApp:
         return await self._control(self.registry.push(r), rpb.PushExpertResponse(), c)
 
     async def UploadArtifact(self, chunks, c):
-        upload = receive_upload(self.artifacts, chunks, idle_timeout_s=10)
-        return await self._control(upload, rpb.UploadArtifactResponse(), c)
+        return await self._control(receive_upload(self.artifacts, chunks, idle_timeout_s=10),
+                                   rpb.UploadArtifactResponse(), c)
 
     async def PopExpert(self, r, c):
         return await self._control(self.registry.pop(r), rpb.PopExpertResponse(), c)

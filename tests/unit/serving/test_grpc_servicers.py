@@ -11,12 +11,16 @@ from unittest.mock import Mock
 
 import grpc
 import pytest
-
 from google.protobuf import message_factory
 
 from ccoe_common.pb import inference_pb2, registry_pb2
 from ccoe_common.ports import free_port
-from ccoe_common.serving.grpc_servicers import _cancel_safe, _guard_streams, add_inference_servicer, add_registry_servicer
+from ccoe_common.serving.grpc_servicers import (
+    _cancel_safe,
+    _guard_streams,
+    add_inference_servicer,
+    add_registry_servicer,
+)
 
 METHOD = "/test.Stream/Count"
 
@@ -37,7 +41,7 @@ class ProxyLikeStream:
                     self.cancelled_in_await += 1
                     return
                 yield str(i).encode()
-        except BaseException:  # like the proxy: swallowed wherever else it lands
+        except BaseException:  # noqa: BLE001 - like the proxy: swallowed wherever else it lands
             pass
         finally:
             context.peer()  # the proxy's access log reads it at the end
@@ -139,13 +143,14 @@ def test_guard_wraps_each_proxy_handler_once():
 # ---- lenient parsing: bytes that do not decode are INVALID_ARGUMENT, on every method ------------
 
 TRUNCATED = b"\x0a\x05ab"  # field 1, length 5, two bytes: no message of any type decodes it
-SERVICES = [inference_pb2.DESCRIPTOR.services_by_name["Inference"], registry_pb2.DESCRIPTOR.services_by_name["Registry"]]
+SERVICES = [inference_pb2.DESCRIPTOR.services_by_name["Inference"],
+            registry_pb2.DESCRIPTOR.services_by_name["Registry"]]
 METHODS = [(service.full_name, m) for service in SERVICES for m in service.methods]
 
 
 def _call(channel: grpc.aio.Channel, service: str, method, body: bytes, metadata=()):
     path = f"/{service}/{method.name}"
-    identity = dict(request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
     if method.client_streaming:
         async def chunks():
             yield body

@@ -21,8 +21,8 @@ def chat(*pairs: tuple[str, str]) -> pb.ChatMessages:
     return pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in pairs])
 
 
-AT_THE_LIMITS = dict(prompt="p" * 100, metadata={"k1": "v" * 16, "k2": "x"}, domain="d" * 8, stop=["abcd", "e"],
-                     request_id="r" * 8, expert=pb.ExpertRef(name="law"))
+AT_THE_LIMITS = {"prompt": "p" * 100, "metadata": {"k1": "v" * 16, "k2": "x"}, "domain": "d" * 8, "stop": ["abcd", "e"],
+                     "request_id": "r" * 8, "expert": pb.ExpertRef(name="law")}
 
 
 def test_requests_at_the_limits_pass():
@@ -32,19 +32,19 @@ def test_requests_at_the_limits_pass():
 
 
 @pytest.mark.parametrize(("change", "field", "fragment"), [
-    (dict(metadata={f"k{i}": "v" for i in range(5)}), "metadata", "5 keys, over router.max_metadata_keys (4)"),
-    (dict(metadata={"k" * 9: "v"}), "metadata", "is longer than router.max_metadata_key_chars (8)"),
-    (dict(metadata={"k": "v" * (32 << 20)}), "metadata['k']", "(33554432 characters) is longer than "
+    ({"metadata": {f"k{i}": "v" for i in range(5)}}, "metadata", "5 keys, over router.max_metadata_keys (4)"),
+    ({"metadata": {"k" * 9: "v"}}, "metadata", "is longer than router.max_metadata_key_chars (8)"),
+    ({"metadata": {"k": "v" * (32 << 20)}}, "metadata['k']", "(33554432 characters) is longer than "
                                                                "router.max_metadata_value_chars (16)"),
-    (dict(metadata={"a": "x" * 16, "b": "y" * 16, "c": "z" * 16}), "metadata",
+    ({"metadata": {"a": "x" * 16, "b": "y" * 16, "c": "z" * 16}}, "metadata",
      "51 bytes of keys and values, over router.max_metadata_bytes (40)"),
-    (dict(domain="d" * (8 << 20)), "domain", "(8388608 characters) is longer than router.max_domain_chars (8)"),
-    (dict(stop=["a", "b", "c"]), "stop", "3 strings, over router.max_stop_strings (2)"),
-    (dict(stop=["a", "x" * 170_000]), "stop[1]", "(170000 characters) must be 1 to 4 characters"),
-    (dict(stop=[""]), "stop[0]", "'' must be 1 to 4 characters"),
-    (dict(request_id="r" * 9), "request_id", "is longer than router.max_request_id_chars (8)"),
-    (dict(expert=pb.ExpertRef(name="Law" * 1000)), "expert.name", "is not an expert name"),
-    (dict(prompt="p" * 101), "prompt", "has 101 characters; the limit is 100 (router.max_prompt_chars)"),
+    ({"domain": "d" * (8 << 20)}, "domain", "(8388608 characters) is longer than router.max_domain_chars (8)"),
+    ({"stop": ["a", "b", "c"]}, "stop", "3 strings, over router.max_stop_strings (2)"),
+    ({"stop": ["a", "x" * 170_000]}, "stop[1]", "(170000 characters) must be 1 to 4 characters"),
+    ({"stop": [""]}, "stop[0]", "'' must be 1 to 4 characters"),
+    ({"request_id": "r" * 9}, "request_id", "is longer than router.max_request_id_chars (8)"),
+    ({"expert": pb.ExpertRef(name="Law" * 1000)}, "expert.name", "is not an expert name"),
+    ({"prompt": "p" * 101}, "prompt", "has 101 characters; the limit is 100 (router.max_prompt_chars)"),
 ])
 def test_each_limit_names_its_field_and_setting(change, field, fragment):
     with pytest.raises(InvalidRequest) as err:

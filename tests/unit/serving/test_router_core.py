@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.engine.errors import Overloaded
 from ccoe_common.engine.params import GenerationRequest, Timings, Usage
 from ccoe_common.experts.reference import ExpertKey
+from ccoe_common.model.demo_assets import demo_backbone, demo_experts
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.events import DeltaEvent, ErrorEvent, Event, ServingError

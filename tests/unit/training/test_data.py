@@ -35,7 +35,7 @@ def test_alpaca_record_masks_the_prompt_and_ends_with_eos(tmp_path, tok):
     assert rec.prompt == render_alpaca("Add 2 and 3.", "carefully")
     ex = tokenize(rec, tok, 512)
     prompt_ids = tok(rec.prompt, add_special_tokens=False).input_ids
-    answer_ids = tok("5", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    answer_ids = [*tok("5", add_special_tokens=False).input_ids, tok.eos_token_id]
     assert ex.input_ids == prompt_ids + answer_ids
     assert ex.labels == [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     assert ex.response_tokens == len(answer_ids)

@@ -13,7 +13,7 @@ from ccoe_common.training.data import read_records, tokenize_all
 from ccoe_common.training.expert_run import start_expert, train_expert
 from ccoe_common.training.trainer import ExpertTarget, FullTarget, TrainConfig, eval_loss, fit
 
-TINY = dict(batch_size=4, lr=3e-3, warmup_steps=1, eval_every=2, log_every=1, max_seq_len=128)
+TINY = {"batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "eval_every": 2, "log_every": 1, "max_seq_len": 128}
 
 
 class Interrupt(Exception):
@@ -43,7 +43,7 @@ def test_backbone_bit_identical_and_gradient_free_after_training(model, records_
     assert all(not p.requires_grad and p.grad is None for p in model.backbone.parameters())
     assert seen_backbone_grads == []
     # ...while the expert did learn.
-    assert any(not torch.equal(a, b) for a, b in zip(expert_before, expert.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(expert_before, expert.parameters(), strict=True))
 
 
 def test_output_is_a_valid_artifact_with_training_metadata(model, qwen2_dir, records_file, tmp_path):
@@ -98,7 +98,7 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(qwen2_dir, records
     assert run(tmp_path / "b", stop_at=4)[0] is None  # dies after step 4; last checkpoint is step 3
     resumed, expert_resumed = run(tmp_path / "b", resume=True)
     assert resumed.resumed_from == 3 and resumed.steps == 6
-    for a, b in zip(expert_full.parameters(), expert_resumed.parameters()):
+    for a, b in zip(expert_full.parameters(), expert_resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert resumed.best_eval_loss == full.best_eval_loss
     steps_logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -149,7 +149,7 @@ def test_full_target_trains_every_parameter(model, records_file):
     _, ex = _examples(model, records_file, 8)
     fit(FullTarget(backbone), ex, TrainConfig(steps=1, batch_size=4, warmup_steps=0, max_seq_len=128), pad_id=0,
         quiet=True)
-    changed = [not torch.equal(a, b) for a, b in zip(before, backbone.parameters())]
+    changed = [not torch.equal(a, b) for a, b in zip(before, backbone.parameters(), strict=True)]
     assert all(changed)
     assert all(not p.requires_grad for p in model.backbone.parameters())  # the model's own copy stays frozen
 

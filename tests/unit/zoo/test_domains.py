@@ -71,7 +71,8 @@ def test_test_problems_never_appear_in_training_data(tmp_path):
         assert len(test) == 50 and len(read["train"]) == 300
         assert not test & {r["instruction"] for r in read["train"] + read["eval"]}
         d = get_domain(name)
-        assert all(d.check(Problem(name, r["instruction"], r["output"], r["answer"]), r["output"]) for r in read["test"])
+        assert all(d.check(Problem(name, r["instruction"], r["output"], r["answer"]), r["output"])
+                   for r in read["test"])
 
 
 def test_rule_table_routes_every_domain_to_its_expert(tmp_path):

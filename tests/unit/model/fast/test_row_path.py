@@ -59,7 +59,7 @@ def _assert_same_bits(model: CCoEModel, expert: str | None, monkeypatch: pytest.
     layers = model.config.num_layers
     assert calls["attention_row"] == STEPS * layers, "every decode step takes the one-row path at every layer"
     assert calls["forward"] == layer_calls + layers, "only the prefill takes the batched layers"
-    for i, (a, b) in enumerate(zip(batched, row)):
+    for i, (a, b) in enumerate(zip(batched, row, strict=True)):
         assert torch.equal(a, b), f"decode step {i}: logits differ by {(a.float() - b.float()).abs().max()}"
     assert torch.equal(batched_cache.k, row_cache.k) and torch.equal(batched_cache.v, row_cache.v)
     assert row_cache.k[:, SLOT, :, PROMPT + STEPS - 1].abs().sum() > 0, "the last step's keys were written"
