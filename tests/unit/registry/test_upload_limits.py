@@ -176,7 +176,8 @@ def test_the_store_knows_its_own_version_folders(tmp_path):
     assert store.stored_key(f"{store.root}/math/v12") == ("math", 12)
     assert store.stored_key(f"{store.root}/math/v12/") == ("math", 12)
     for other in (f"{store.root}/math/v0", f"{store.root}/math/v", f"{store.root}/math/v1/x",
-                  f"{store.root}/_exports/law", f"{store.root}/_exports/v1", f"{store.root}/Math/v1", f"{store.root}-2/math/v1", "/math/v1"):
+                  f"{store.root}/_exports/law", f"{store.root}/_exports/v1", f"{store.root}/Math/v1",
+                  f"{store.root}-2/math/v1", "/math/v1"):
         assert store.stored_key(other) is None, other
 
 
