@@ -238,6 +238,19 @@ class ArtifactStore:
             if self._fs.exists(staging):
                 self._fs.rm(staging, recursive=True)
 
+    def stored_key(self, uri: str) -> tuple[str, int] | None:
+        """(name, version) if `uri` is where this store keeps a version ("<root>/math/v2"), else None."""
+        bases = {self.root}
+        if "://" not in self.root:
+            bases.add(os.path.realpath(self.root))
+        for base in bases:
+            if uri.startswith(base + "/"):
+                name, _, tail = uri[len(base) + 1:].rstrip("/").partition("/")
+                if NAME_RE.fullmatch(name) and len(tail) > 1 and tail[0] == "v" and tail[1:].isdigit() \
+                        and tail[1] != "0":
+                    return name, int(tail[1:])
+        return None
+
     def discard(self, name: str, version: int) -> bool:
         """Remove a stored version the registry never registered (a refused or lost push), so
         the same name@version can be pushed again with other weights. True if one was there."""

@@ -49,7 +49,7 @@ class RegistryConfig(BaseModel):
                         "prefixes, e.g. ['/data/exports', 's3://team/experts']. A scheme no entry names (http://, "
                         "say) is refused. Empty: the store only (upload with `ccoe expert push DIR --upload`).")
     allowed_export_prefixes: tuple[str, ...] = Field(
-        (), description="Where PopExpert's export_to may write besides the store's exports/ folder (a bare name "
+        (), description="Where PopExpert's export_to may write besides the store's _exports/ folder (a bare name "
                         "such as 'law-copy' goes there), e.g. ['/data/exports'].")
     max_upload_bytes: int = Field(
         DEFAULT_MAX_UPLOAD_BYTES, ge=1,

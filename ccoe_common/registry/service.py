@@ -221,7 +221,11 @@ class RegistryService:
         source = self.locations.source(req.uri)
         # Validate the source first (a replica loads it without serving it), so a refused
         # artifact never occupies a name@version in the store.
-        await self.validate(source)
+        try:
+            await self.validate(source)
+        except (ArtifactRefused, ExpertError):
+            await self._discard_unregistered(source)
+            raise
         stored = await self._store_copy(source)
         name, version = stored.name, stored.version
         expected = req.expected_revision if req.HasField("expected_revision") else None
@@ -244,6 +248,18 @@ class RegistryService:
         log.info("registered %s@%d (revision %d) from %s", name, version, rev, source)
         return pb.PushExpertResponse(expert=ipb.ExpertRef(name=name, version=version), revision=rev,
                                      stored_uri=stored.uri, rollout=rollout_to_pb(record, await self._live()))
+
+    async def _discard_unregistered(self, source: str) -> None:
+        """An uploaded artifact whose push was refused leaves the store (a 48 MiB junk upload
+        used to stay there); a registered version is never removed."""
+        key = self.artifacts.stored_key(source)
+        if key is None:
+            return
+        try:
+            await self._io(self.store.version, *key)
+        except ExpertNotFound:
+            if await asyncio.to_thread(self.artifacts.discard, *key):
+                log.info("removed %s@%d from the artifact store: its push was refused", *key)
 
     async def _store_copy(self, uri: str) -> StoredArtifact:
         """Copy into the artifact store (sha256 checked). A different copy of the same

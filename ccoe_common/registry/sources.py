@@ -6,8 +6,8 @@ URL (server-side request forgery), `export_to` wrote anywhere the server could, 
 errors for `file://` URIs told a caller whether a server path existed. Now:
 
 - a source must lie inside the artifact store or under a prefix of `registry.allowed_sources`;
-- an export must lie inside the store's `exports/` folder (a bare relative name such as
-  `law-copy` means `<store>/exports/law-copy`) or under `registry.allowed_export_prefixes`;
+- an export must lie inside the store's `_exports/` folder (a bare relative name such as
+  `law-copy` means `<store>/_exports/law-copy`) or under `registry.allowed_export_prefixes`;
 - a scheme counts only if the store or one of those prefixes names it (no `http://` unless
   an allowed prefix is an `http://` URL).
 
@@ -31,7 +31,9 @@ from urllib.parse import unquote, urlsplit
 from ccoe_common.errors import quote
 from ccoe_common.registry.errors import DisallowedLocation
 
-EXPORTS = "exports"
+# Not a valid expert name (those start with a letter or digit), so no expert's versions
+# (<store>/<name>/v<N>) can ever be in it.
+EXPORTS = "_exports"
 _LOCAL_SCHEMES = {"file", "local"}  # fsspec's two names for the local filesystem
 
 
@@ -114,7 +116,7 @@ def _real(location: Location) -> Location:
 
 class LocationPolicy:
     """The registry's allow-lists, normalised once. The store itself is always allowed as a
-    source, and its `exports/` folder as an export destination."""
+    source, and its `_exports/` folder as an export destination."""
 
     def __init__(self, store_root: str, allowed_sources: Sequence[str] = (),
                  allowed_export_prefixes: Sequence[str] = ()):
@@ -141,22 +143,22 @@ class LocationPolicy:
         return location.uri
 
     def export_destination(self, export_to: str) -> str:
-        """Where to write an export: a bare relative name goes under the store's exports/
+        """Where to write an export: a bare relative name goes under the store's _exports/
         folder; anything else must lie there or under an allowed export prefix."""
         if "://" not in export_to and not export_to.startswith("/") and export_to:
             relative = posixpath.normpath(export_to)
             if relative in (".", "..") or relative.startswith("../"):
-                raise DisallowedLocation(f"export_to: {quote(export_to)} leaves the store's exports folder; "
+                raise DisallowedLocation(f"export_to: {quote(export_to)} leaves the store's _exports folder; "
                                          "give a folder name such as 'law-copy'")
             export_to = self.exports.child(relative).uri
         location = self._check(export_to, "export_to", self._exports, self._export_text,
                                "registry.allowed_export_prefixes",
-                               "give a folder name (it goes under the store's exports/ folder) or ask an "
+                               "give a folder name (it goes under the store's _exports/ folder) or ask an "
                                "operator to allow the destination")
         inside_store = location.within(self.store) or _real(location).within(_real(self.store))
         if inside_store and not (location.within(self.exports) or _real(location).within(_real(self.exports))):
             raise DisallowedLocation(f"export_to: {quote(export_to)} is inside the artifact store but not in its "
-                                     f"exports folder ({self.exports.uri}); the registry's own versions are "
+                                     f"_exports folder ({self.exports.uri}); the registry's own versions are "
                                      "never written by an export")
         return location.uri
 

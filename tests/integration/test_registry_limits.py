@@ -20,6 +20,7 @@ from ccoe_common.experts.artifact import read_artifact
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.artifact_store import ArtifactStore
 from ccoe_common.registry.config import RegistryConfig
+from ccoe_common.registry.errors import ArtifactRefused
 from ccoe_common.registry.redis_server import RedisServer
 from ccoe_common.registry.service import RegistryService
 from ccoe_common.registry.store import RegistryStore
@@ -44,11 +45,14 @@ class Registry:
         self.config = RegistryConfig(artifact_store=str(root / "store"), **config)
         self.artifacts = ArtifactStore.from_config(self.config)
         self.read: list[str] = []
+        self.refuse: str | None = None  # what the validating replica says, e.g. "wrong backbone"
         self.service = RegistryService(self.store, self.artifacts, self._validate, self.config)
 
     async def _validate(self, uri: str) -> None:
         self.read.append(uri)
         read_artifact(uri)
+        if self.refuse:
+            raise ArtifactRefused(f"{uri} does not fit this fleet's backbone: {self.refuse}")
 
     def call(self, method: str, *args):
         return asyncio.run(getattr(self.service, method)(*args))
@@ -108,6 +112,19 @@ def test_an_uploaded_artifact_is_pushed_from_the_store(registry, tree):
     assert registry.call("push", push(stored.uri)).stored_uri == stored.uri
 
 
+def test_an_upload_whose_push_is_refused_leaves_the_store_but_a_registered_version_never_does(registry, tree):
+    stored = registry.artifacts.put(str(tree / "elsewhere/law"), enforce_quota=False)  # what an upload leaves
+    registry.refuse = "wrong backbone"
+    assert "wrong backbone" in str(registry.refused("push", push(stored.uri)))
+    assert not Path(stored.uri).exists()
+    registry.refuse = None
+    stored = registry.artifacts.put(str(tree / "elsewhere/law"), enforce_quota=False)
+    registry.call("push", push(stored.uri))
+    registry.refuse = "a replica refuses it now"
+    registry.refused("push", push(stored.uri))
+    assert read_artifact(stored.uri).manifest.name == "law"  # registered: kept
+
+
 @pytest.fixture()
 def pushed(registry, tree) -> Registry:
     registry.call("push", push(str(tree / "allowed/law")))
@@ -120,7 +137,7 @@ def pop(export_to: str, **kw) -> pb.PopExpertRequest:
 
 def test_an_export_by_name_lands_in_the_stores_exports_folder(pushed, tree):
     response = pushed.call("pop", pop("law-copy"))
-    assert response.exported_to == str(tree / "store/exports/law-copy")
+    assert response.exported_to == str(tree / "store/_exports/law-copy")
     assert read_artifact(response.exported_to).manifest.name == "law"
     assert pushed.call("pop", pop("", version=1)).retired[0].version == 1  # popping a retired version again is fine
 
@@ -131,7 +148,7 @@ def test_an_export_by_name_lands_in_the_stores_exports_folder(pushed, tree):
     ("s3://bucket/law", "INVALID_ARGUMENT", "scheme 's3' is not allowed"),
     ("{tree}/elsewhere/new", "INVALID_ARGUMENT", "is not inside an allowed location"),
     ("{tree}/store/law/v9", "INVALID_ARGUMENT", "is not inside an allowed location"),
-    ("../../etc", "INVALID_ARGUMENT", "leaves the store's exports folder"),
+    ("../../etc", "INVALID_ARGUMENT", "leaves the store's _exports folder"),
     ("{tree}/exports/occupied", "ALREADY_EXISTS", "already holds other files"),
     ("{tree}/exports/a-file", "ALREADY_EXISTS", "is a file"),
     ("{tree}/exports/a-file/law", "FAILED_PRECONDITION", "cannot write"),

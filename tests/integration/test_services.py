@@ -448,10 +448,10 @@ def test_exports_go_only_where_allowed_and_refusals_retire_nothing(stack, admin_
         assert err.value.code() == code and err.value.details().startswith("export_to: ")
         assert fragment in err.value.details()
     assert stub.Generate(greedy("Compute 1 + 1", 2, expert=pb.ExpertRef(name="math")), timeout=60).text is not None
-    # A bare name goes under the store's exports/ folder (law@1 was popped earlier; its copy stays).
+    # A bare name goes under the store's _exports/ folder (law@1 was popped earlier; its copy stays).
     popped = registry.PopExpert(rpb.PopExpertRequest(name="law", version=1, export_to="law-copy", who="test"),
                                 timeout=60)
-    assert popped.exported_to.endswith("/exports/law-copy")
+    assert popped.exported_to.endswith("/_exports/law-copy")
     assert read_artifact(popped.exported_to).manifest.name == "law"
 
 

@@ -93,15 +93,15 @@ def test_unsafe_forms_are_refused_on_their_text(policy, uri, fragment):
 
 
 def test_exports_go_to_the_stores_exports_folder_or_an_allowed_prefix(policy, tree):
-    assert policy.export_destination("law-copy") == str(tree / "store/exports/law-copy")
-    assert policy.export_destination("team/law-copy") == str(tree / "store/exports/team/law-copy")
+    assert policy.export_destination("law-copy") == str(tree / "store/_exports/law-copy")
+    assert policy.export_destination("team/law-copy") == str(tree / "store/_exports/team/law-copy")
     assert policy.export_destination(str(tree / "exports-out/law")) == str(tree / "exports-out/law")
-    assert policy.export_destination(f"file://{tree}/store/exports/x") == str(tree / "store/exports/x")
+    assert policy.export_destination(f"file://{tree}/store/_exports/x") == str(tree / "store/_exports/x")
 
 
 @pytest.mark.parametrize(("dest", "fragment"), [
-    ("../law", "leaves the store's exports folder"),
-    ("a/../../b", "leaves the store's exports folder"),
+    ("../law", "leaves the store's _exports folder"),
+    ("a/../../b", "leaves the store's _exports folder"),
     ("{tree}/store/math/v9", "is not inside an allowed location"),
     ("{tree}/store/.uploads/x", "is not inside an allowed location"),
     ("{tree}/allowed/law-copy", "is not inside an allowed location"),  # a source prefix is not an export one
@@ -116,7 +116,7 @@ def test_exports_elsewhere_are_refused(policy, tree, dest, fragment):
 
 def test_an_allowed_prefix_over_the_store_still_cannot_overwrite_its_versions(tree):
     policy = LocationPolicy(str(tree / "store"), allowed_export_prefixes=[str(tree)])
-    assert "is inside the artifact store but not in its exports folder" in refused(
+    assert "is inside the artifact store but not in its _exports folder" in refused(
         policy.export_destination, str(tree / "store/math/v1"))
     assert policy.export_destination(str(tree / "exports-out/x")) == str(tree / "exports-out/x")
 
@@ -125,7 +125,7 @@ def test_remote_stores_work_the_same(tmp_path):
     policy = LocationPolicy("memory://ccoe/store", allowed_sources=["memory://ccoe/incoming"])
     assert policy.source("memory://ccoe/store/math/v1") == "memory://ccoe/store/math/v1"
     assert policy.source("memory://ccoe/incoming/law") == "memory://ccoe/incoming/law"
-    assert policy.export_destination("law") == "memory://ccoe/store/exports/law"
+    assert policy.export_destination("law") == "memory://ccoe/store/_exports/law"
     assert "scheme 'file' is not allowed" in refused(policy.source, str(tmp_path))
 
 

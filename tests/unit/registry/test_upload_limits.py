@@ -171,6 +171,16 @@ def test_refused_or_abandoned_uploads_leave_nothing_behind(tmp_path, src, case):
     assert uploads_left(store) == [] and store.used_bytes() == 0
 
 
+def test_the_store_knows_its_own_version_folders(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    assert store.stored_key(f"{store.root}/math/v12") == ("math", 12)
+    assert store.stored_key(f"{store.root}/math/v12/") == ("math", 12)
+    for other in (f"{store.root}/math/v0", f"{store.root}/math/v", f"{store.root}/math/v1/x",
+                  f"{store.root}/_exports/law", f"{store.root}/_exports/v1", f"{store.root}/Math/v1",
+                  f"{store.root}-2/math/v1", "/math/v1"):
+        assert store.stored_key(other) is None, other
+
+
 def test_an_export_never_mixes_with_what_is_already_there(tmp_path, src):
     store = ArtifactStore(str(tmp_path / "store"))
     stored = store.put(src)

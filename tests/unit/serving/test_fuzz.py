@@ -8,9 +8,7 @@ GenerateRequest and every Registry request message, plus bytes that may not deco
 is INTERNAL or UNKNOWN, none hangs, and the server still serves a plain request afterwards.
 
 The CI budget is small (a few dozen examples); `ccoe bench fuzz --cases N` runs the long
-version against the real Ray stack. Sampling temperatures and penalties so small that they
-overflow (bench/fuzz.py TINY_FLOATS) are left out here: they still crash an engine step
-(#15 item 2), which the engine work fixes; the bench sends them.
+version against the real Ray stack.
 """
 
 from __future__ import annotations
@@ -194,7 +192,7 @@ def channel(served):
 @pytest.fixture(scope="module")
 def options(work) -> Options:
     law = str(work / "experts" / "law")
-    return Options(hints={"uri": (law, f"file://{law}")}, tiny_floats=False)
+    return Options(hints={"uri": (law, f"file://{law}")})
 
 
 class HypothesisDraw:
