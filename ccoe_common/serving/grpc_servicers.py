@@ -157,7 +157,7 @@ def _guard_streams(server: Any) -> None:
             return _refuse_undecodable(made, response_streaming=False)
         return made  # client streams: each chunk is checked by the code that receives them
 
-    cancel_safe_factory._ccoe_cancel_safe = True  # type: ignore[attr-defined]
+    cancel_safe_factory._ccoe_cancel_safe = True  # type: ignore[attr-defined]  # a marker on the function object
     server.service_handler_factory = cancel_safe_factory
 
 

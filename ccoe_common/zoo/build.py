@@ -168,7 +168,7 @@ def build_zoo(workdir: Path, config: ZooConfig | None = None, *, force: bool = F
     training experts at once (default: one per CPU core, at most one per domain)."""
     config = config or ZooConfig()
     if not force and is_built(workdir, config):
-        return read_zoo(workdir)  # type: ignore[return-value]
+        return read_zoo(workdir)  # type: ignore[return-value]  # is_built() found it just now
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / ZOO_FILE).unlink(missing_ok=True)  # a half-built zoo never looks finished
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, file=sys.stderr, flush=True, **k))
