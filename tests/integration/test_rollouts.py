@@ -243,7 +243,7 @@ def test_a_version_failing_its_smoke_test_rolls_back_by_itself(registry, stub, m
     pushed = registry.push(math_version(model, work, version, nan=True), who="test")
     with pytest.raises(RolloutFailed) as err:
         registry.wait_rollout("math", pushed.rollout.id, timeout_s=120)
-    assert "non-finite" in err.value.rollout.reason and "replica" in err.value.rollout.reason
+    assert "logits are not finite" in err.value.rollout.reason and "replica" in err.value.rollout.reason
     info = registry.get("math")
     assert info.serving == before and info.versions[-1].state == "failed"
     r = stub.Generate(pb.GenerateRequest(prompt="1+1", expert=pb.ExpertRef(name="math"), max_tokens=2), timeout=60)
