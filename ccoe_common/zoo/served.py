@@ -6,6 +6,7 @@ the rules pick the expert.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,10 @@ def zoo_stack(backbone: str, expert_uris: dict[str, str], rules: ZooRules, *, wh
               say: Callable[[str], None] = lambda _: None) -> Iterator[inference_pb2_grpc.InferenceStub]:
     """The local stack on the zoo's backbone, every expert pushed through the registry and
     live, the rule table set there; yields an Inference stub."""
+    # the zoo's own folder is a source the registry may read; nothing else is
+    sources = [os.path.commonpath(list(expert_uris.values()))] if expert_uris else []
     config = AppConfig.load({"backbone": backbone, "auth": {"mode": "token"},
+                             "registry": {"allowed_sources": sources},
                              "replica": {"engine": {"max_running": 16, "max_waiting": 256, "max_seq_len": 512}}})
     with LocalStack(config, grpc_port=free_port()) as stack, stack.registry_client() as registry:
         for name, uri in expert_uris.items():
