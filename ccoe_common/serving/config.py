@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ccoe_common.auth.config import AuthConfig
 from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DEFAULT_GRPC_PORT
@@ -88,6 +88,18 @@ class RouterConfig(BaseModel):
                                             f"{MAX_STOP_STRING_CHARS} characters).")
     max_request_id_chars: int = Field(128, ge=1, le=4096, description="Longest request_id.")
     max_fanout: int = Field(4, ge=1, le=16, description="Most experts one rule may consult at once.")
+    max_in_flight: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Engine requests one router process has in flight at most (a fanned-out call counts one per "
+                    "expert); beyond it a call is refused at once with RESOURCE_EXHAUSTED and retry-after-ms. "
+                    "Default: the replicas' capacity, replica.num_replicas x (engine.max_running + "
+                    "engine.max_waiting), shared out over router.num_replicas, and at least max_fanout.")
+    replica_retries: int = Field(
+        2, ge=0, le=8, description="Times a request whose replica died before it sent the caller anything is run "
+                                   "again on another replica; after that it fails UNAVAILABLE with retry advice.")
+    retry_after_s: float = Field(
+        1.0, gt=0, le=3600, description="Retry advice (retry-after-ms) with the router's own refusals: over "
+                                        "max_in_flight, or a replica lost mid-request.")
     rules_check_interval_s: float = Field(1.0, gt=0, description="How often the rules file is checked for changes.")
 
 
@@ -107,6 +119,36 @@ class AppConfig(BaseModel):
     grpc_port: int = Field(
         DEFAULT_GRPC_PORT, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy (local stack).")
     redis_url: str | None = Field(None, description="Registry Redis; none = the local stack starts its own.")
+
+    @model_validator(mode="after")
+    def _check_admission(self) -> AppConfig:
+        bound, capacity = self.router.max_in_flight, self.replica_capacity
+        if bound is None:
+            return self
+        if bound < self.router.max_fanout:
+            raise ValueError(f"router.max_in_flight ({bound}) must be at least router.max_fanout "
+                             f"({self.router.max_fanout}): a fanned-out call could never run")
+        if bound * self.router.num_replicas > capacity:
+            raise ValueError(f"router.max_in_flight ({bound}) x router.num_replicas ({self.router.num_replicas}) "
+                             f"is over the replicas' capacity of {capacity} (replica.num_replicas x (engine."
+                             f"max_running + engine.max_waiting)): requests past it would queue unbounded in front "
+                             f"of the engines")
+        return self
+
+    @property
+    def replica_capacity(self) -> int:
+        """Requests all replicas hold at once: running plus waiting, e.g. 2 x (32 + 256) = 576."""
+        engine = self.replica.engine
+        return self.replica.num_replicas * (engine.max_running + engine.max_waiting)
+
+    @property
+    def admission_bound(self) -> int:
+        """Engine requests one router admits at once: router.max_in_flight, or its share of the
+        replicas' capacity rounded down (together the routers never exceed it), but at least
+        router.max_fanout so that every call the rules allow can run, e.g. 2 x (32 + 256) // 1 = 576."""
+        if self.router.max_in_flight is not None:
+            return self.router.max_in_flight
+        return max(self.router.max_fanout, self.replica_capacity // self.router.num_replicas)
 
     @field_validator("backbone", "rules")
     @classmethod
@@ -136,5 +178,7 @@ class AppConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
-            where = ".".join(map(str, err["loc"])) or "config"
+            if not err["loc"]:  # a rule across sections: its message names the fields
+                raise ConfigError(f"config: {err['msg']}") from e
+            where = ".".join(map(str, err["loc"]))
             raise ConfigError(f"config field {where}: {err['msg']} (got {err.get('input')!r})") from e

@@ -18,6 +18,10 @@ Two things differ from the generated add_*Servicer_to_server functions:
   slot (ray-project/ray#42665 tried to fix it and was closed). `_cancel_safe` runs the proxy's
   stream in its own task whose only await is that next item, and cancels the task when the
   call ends, so the cancellation always reaches the request.
+- Retry advice on every retryable answer, streams included: the proxy carries a stream's
+  trailing metadata only with a message, so a failing stream sends an empty one that is
+  dropped here, and Ray's own bare RESOURCE_EXHAUSTED/UNAVAILABLE answers get the default
+  `retry-after-ms` (serving/trailers.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from ccoe_common.pb import inference_pb2, registry_pb2
 from ccoe_common.pb.lenient import Undecodable, lenient
+from ccoe_common.serving.trailers import TRAILER_CARRIER, advise_retry, failed
 
 SERVICE = "ccoe.v1.Inference"
 REGISTRY_SERVICE = "ccoe.v1.Registry"
@@ -130,9 +135,21 @@ def _cancel_safe(stream_handler: Callable[[Any, Any], AsyncIterator[Any]]) -> Ca
             while (item := await items.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
+                if item == TRAILER_CARRIER and failed(context):
+                    continue  # it brought the deployment's trailer onto the call; it is not a message
                 yield item
+            advise_retry(context)
         finally:
             task.cancel()
+
+    return handler
+
+
+def _with_retry_advice(unary_handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    async def handler(request: Any, context: Any) -> Any:
+        response = await unary_handler(request, context)
+        advise_retry(context)
+        return response
 
     return handler
 
@@ -154,7 +171,7 @@ def _guard_streams(server: Any) -> None:
         if kind == "unary_stream":
             return _refuse_undecodable(_cancel_safe(made), response_streaming=True)
         if kind == "unary_unary":
-            return _refuse_undecodable(made, response_streaming=False)
+            return _refuse_undecodable(_with_retry_advice(made), response_streaming=False)
         return made  # client streams: each chunk is checked by the code that receives them
 
     cancel_safe_factory._ccoe_cancel_safe = True  # type: ignore[attr-defined]  # a marker on the function object

@@ -7,6 +7,7 @@ import logging
 import grpc
 
 from ccoe_common.serving.router_core import status_of
+from ccoe_common.serving.trailers import DEFAULT_RETRY_AFTER_S, RETRY_AFTER_KEY
 
 log = logging.getLogger(__name__)
 # gRPC sends the message in a trailer, percent-encoded (up to 3 bytes per UTF-8 byte), and a
@@ -26,15 +27,17 @@ def clip_details(text: str, max_bytes: int = MAX_DETAILS_BYTES) -> str:
 
 
 def apply_error(grpc_context, error: BaseException) -> None:
-    """Set code, details and (for retryable errors) `retry-after-ms` trailing metadata."""
+    """Set code, details and (for retryable errors) `retry-after-ms` trailing metadata. Behind
+    Ray Serve's proxy a server stream then yields one empty message, which carries them to the
+    call (serving/trailers.py)."""
     status = status_of(error)
     if status.code == "INTERNAL":
         log.error("request failed", exc_info=error)  # the one place a traceback is logged
     grpc_context.set_code(getattr(grpc.StatusCode, status.code, grpc.StatusCode.INTERNAL))
     grpc_context.set_details(clip_details(str(status)))
     if status.retryable:
-        retry_ms = int((status.retry_after_s or 1.0) * 1000)
-        grpc_context.set_trailing_metadata([("retry-after-ms", str(retry_ms))])
+        retry_ms = int((status.retry_after_s or DEFAULT_RETRY_AFTER_S) * 1000)
+        grpc_context.set_trailing_metadata([(RETRY_AFTER_KEY, str(retry_ms))])
 
 
 def metadata_of(grpc_context) -> dict[str, str]:

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from pathlib import Path
 from typing import Protocol
 
@@ -27,8 +28,10 @@ from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.pb import inference_pb2 as pb
 from ccoe_common.routing.resolve import Route, decide
 from ccoe_common.routing.rules import RuleTable, RuleTableError
+from ccoe_common.serving.admission import Admission
 from ccoe_common.serving.config import AppConfig
-from ccoe_common.serving.events import ErrorEvent, Event, ServingError
+from ccoe_common.serving.events import DeltaEvent, ErrorEvent, Event, ServingError
+from ccoe_common.serving.failover import ReplicaLost, Restart
 from ccoe_common.serving.grpc_convert import parse_request, route_trace, usage
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
@@ -77,6 +80,16 @@ class RouterCore:
         self.refresh_view: Callable[[], Awaitable[None]] | None = None
         tracing.setup_tracing(config.telemetry)
         self.metrics = Metrics()
+        self.admission = Admission(config.admission_bound, config.router.retry_after_s)
+        self.replicas_lost = 0  # requests whose replica died under them, since start
+        self.retried = 0  # of those, run again on another replica
+        self.last_loss_at: float | None = None  # wall-clock time of the latest loss
+
+    def stats(self) -> dict[str, float | int | None]:
+        """Admission and failover counters of this router, e.g. {"in_flight": 3, "limit": 8, ...}."""
+        a = self.admission
+        return {"in_flight": a.in_flight, "limit": a.limit, "admitted": a.admitted, "refused": a.refused,
+                "replicas_lost": self.replicas_lost, "retried": self.retried, "last_loss_at": self.last_loss_at}
 
     # ---- rules ---------------------------------------------------------------------------
 
@@ -160,29 +173,71 @@ class RouterCore:
             requests.append(dataclasses.replace(base, expert=expert, request_id=rid))
         return route, requests, [asked is None and version is not None for _, asked in route.experts]
 
-    async def _one(self, request: GenerationRequest, carrier: dict[str, str],
-                   pinned_by_router: bool) -> AsyncGenerator[Event, None]:
-        """One request's events. If the router chose the version and the replica no longer
-        holds it (a rollout finished a moment ago and this router's view lags), nothing has
-        been streamed yet: wait briefly for the newer view and run it once more on that."""
-        for attempt in (0, 1):
+    async def _one(self, request: GenerationRequest, carrier: dict[str, str], pinned_by_router: bool,
+                   restartable: bool = False) -> AsyncGenerator[Event | Restart, None]:
+        """One request's events, run again where that is safe:
+        - the router chose the version and the replica no longer holds it (a rollout finished a
+          moment ago and this router's view lags): nothing has been produced yet, so wait
+          briefly for the newer view and run it once more on that;
+        - the replica died (ReplicaLost): run it again on another replica, at most
+          router.replica_retries times, if the caller has been sent nothing of it; `restartable`
+          (a unary call, answered whole at the end) also after output, voided by a Restart."""
+        retries_left = self.config.router.replica_retries
+        deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
+        newer_tried = False
+        while True:
             stream = self.client.stream(request, carrier)
-            retry = None
+            retry: GenerationRequest | None = None
+            lost: ReplicaLost | None = None
+            produced = 0
             try:
                 async for event in stream:
-                    if (attempt == 0 and pinned_by_router and isinstance(event, ErrorEvent)
+                    if (not newer_tried and pinned_by_router and isinstance(event, ErrorEvent)
                             and event.code == "NOT_FOUND"):
+                        newer_tried = True
                         retry = await self._newer_version(request)
                         if retry is not None:
                             break
+                    produced += isinstance(event, DeltaEvent)
                     yield event
+            except ReplicaLost as e:
+                lost = e
             finally:
                 await stream.aclose()  # a caller that went away cancels the replica's request now
+            if lost is not None:
+                retry = self._after_loss(request, lost, produced, restartable, retries_left, deadline)
+                retries_left -= 1
+                if produced:
+                    yield Restart(str(lost))
             if retry is None:
                 return
-            log.info("request %s: %s was retired meanwhile, running it on %s", request.request_id,
-                     request.expert, retry.expert)
+            if lost is None:
+                log.info("request %s: %s was retired meanwhile, running it on %s", request.request_id,
+                         request.expert, retry.expert)
             request = retry
+
+    def _after_loss(self, request: GenerationRequest, lost: ReplicaLost, produced: int, restartable: bool,
+                    retries_left: int, deadline: float | None) -> GenerationRequest:
+        """The request to run again after its replica died, or the UNAVAILABLE to raise."""
+        self.replicas_lost += 1
+        self.last_loss_at = time.time()
+        remaining = None if deadline is None else deadline - time.monotonic()
+        why = None
+        if produced and not restartable:
+            why = f"the caller already has {produced} of its messages"
+        elif retries_left <= 0:
+            why = f"it was run {self.config.router.replica_retries + 1} times (router.replica_retries)"
+        elif remaining is not None and remaining <= 0:
+            why = "its timeout_ms has passed"
+        if why is not None:
+            self.metrics.router_retry("replica_lost", "gave_up")
+            raise ReplicaLost(f"{lost}; not run again because {why}; retry in "
+                              f"{self.config.router.retry_after_s:g}s", self.config.router.retry_after_s) from lost
+        self.metrics.router_retry("replica_lost", "retried")
+        self.retried += 1
+        log.warning("request %s: %s; running it again on another replica (%d retries left)",
+                    request.request_id, lost, retries_left - 1)
+        return request if remaining is None else dataclasses.replace(request, timeout_s=remaining)
 
     async def _newer_version(self, request: GenerationRequest, wait_s: float = 2.0) -> GenerationRequest | None:
         key = request.expert
@@ -199,44 +254,46 @@ class RouterCore:
             return None
         return dataclasses.replace(request, expert=ExpertKey(key.name, newer))
 
-    async def _merged(self, requests: list[GenerationRequest],
-                      pinned: list[bool] | None = None) -> AsyncGenerator[tuple[int, Event], None]:
-        """Events of all requests as they come, tagged with the request's index."""
+    async def _merged(self, requests: list[GenerationRequest], pinned: list[bool] | None = None,
+                      restartable: bool = False) -> AsyncGenerator[tuple[int, Event | Restart], None]:
+        """Events of all requests as they come, tagged with the request's index. The call holds
+        one admission place per request until it ends (RouterOverloaded when there are none)."""
         carrier = tracing.inject()
         pinned = pinned or [False] * len(requests)
-        if len(requests) == 1:
-            stream = self._one(requests[0], carrier, pinned[0])
-            try:
-                async for event in stream:
-                    yield 0, event
-            finally:
-                await stream.aclose()
-            return
-        queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+        with self.admission.hold(len(requests)):
+            if len(requests) == 1:
+                stream = self._one(requests[0], carrier, pinned[0], restartable)
+                try:
+                    async for event in stream:
+                        yield 0, event
+                finally:
+                    await stream.aclose()
+                return
+            queue: asyncio.Queue[tuple[int, Event | Restart | None]] = asyncio.Queue()
 
-        async def pump(i: int, r: GenerationRequest) -> None:
-            stream = self._one(r, carrier, pinned[i])
-            try:
-                async for event in stream:
-                    await queue.put((i, event))
-            finally:
-                await stream.aclose()
-                await queue.put((i, None))
+            async def pump(i: int, r: GenerationRequest) -> None:
+                stream = self._one(r, carrier, pinned[i], restartable)
+                try:
+                    async for event in stream:
+                        await queue.put((i, event))
+                finally:
+                    await stream.aclose()
+                    await queue.put((i, None))
 
-        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
-        try:
-            open_streams = len(tasks)
-            while open_streams:
-                i, got = await queue.get()
-                if got is None:
-                    open_streams -= 1
-                    continue
-                yield i, got
-            for t in tasks:
-                t.result()  # surface a pump's exception, if any
-        finally:
-            for t in tasks:
-                t.cancel()
+            tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+            try:
+                open_streams = len(tasks)
+                while open_streams:
+                    i, got = await queue.get()
+                    if got is None:
+                        open_streams -= 1
+                        continue
+                    yield i, got
+                for t in tasks:
+                    t.result()  # surface a pump's exception, if any
+            finally:
+                for t in tasks:
+                    t.cancel()
 
     async def generate_stream(self, req: pb.GenerateRequest,
                               metadata: dict[str, str]) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -272,22 +329,24 @@ class RouterCore:
             names = [n for n, _ in route.experts] or [""]
             versions: dict[str, int] = {}
             first = True
-            async for i, event in self._merged(requests, pinned):
-                if isinstance(event, ErrorEvent):
-                    raise event.to_error()
-                if event.expert is not None:
-                    versions[event.expert.name] = event.expert.version
-                msg = pb.GenerateStreamResponse(
-                    request_id=requests[i].request_id, text=event.text, token_ids=event.token_ids,
-                    logprobs=event.logprobs or [], finish_reason=event.finish_reason or "",
-                    expert=pb.ExpertRef(name=names[i], version=versions.get(names[i], 0)) if names[i] else None,
-                    usage=usage(event.usage),
-                    timings=_timings(event.timings, start) if event.timings else None,
-                )
-                if first:
-                    msg.route.CopyFrom(route_trace(route, versions))
-                    first = False
-                yield msg
+            async with aclosing(self._merged(requests, pinned)) as events:
+                async for i, event in events:
+                    assert not isinstance(event, Restart), "a stream is never restarted after output"
+                    if isinstance(event, ErrorEvent):
+                        raise event.to_error()
+                    if event.expert is not None:
+                        versions[event.expert.name] = event.expert.version
+                    msg = pb.GenerateStreamResponse(
+                        request_id=requests[i].request_id, text=event.text, token_ids=event.token_ids,
+                        logprobs=event.logprobs or [], finish_reason=event.finish_reason or "",
+                        expert=pb.ExpertRef(name=names[i], version=versions.get(names[i], 0)) if names[i] else None,
+                        usage=usage(event.usage),
+                        timings=_timings(event.timings, start) if event.timings else None,
+                    )
+                    if first:
+                        msg.route.CopyFrom(route_trace(route, versions))
+                        first = False
+                    yield msg
 
     async def _generate(self, req: pb.GenerateRequest, metadata: dict[str, str]) -> pb.GenerateResponse:
         start = time.monotonic()
@@ -295,17 +354,22 @@ class RouterCore:
             route, requests, pinned = await self._plan_fresh(req)
             parts: list[dict] = [{"text": [], "ids": [], "lps": [], "last": None} for _ in requests]
             versions: dict[str, int] = {}
-            async for i, event in self._merged(requests, pinned):
-                if isinstance(event, ErrorEvent):
-                    raise event.to_error()
-                p = parts[i]
-                p["text"].append(event.text)
-                p["ids"].extend(event.token_ids)
-                p["lps"].extend(event.logprobs or [])
-                if event.expert is not None:
-                    versions[event.expert.name] = event.expert.version
-                if event.finish_reason:
-                    p["last"] = event
+            # A unary answer is sent whole at the end, so a request whose replica died may start over.
+            async with aclosing(self._merged(requests, pinned, restartable=True)) as events:
+                async for i, event in events:
+                    if isinstance(event, Restart):
+                        parts[i] = {"text": [], "ids": [], "lps": [], "last": None}
+                        continue
+                    if isinstance(event, ErrorEvent):
+                        raise event.to_error()
+                    p = parts[i]
+                    p["text"].append(event.text)
+                    p["ids"].extend(event.token_ids)
+                    p["lps"].extend(event.logprobs or [])
+                    if event.expert is not None:
+                        versions[event.expert.name] = event.expert.version
+                    if event.finish_reason:
+                        p["last"] = event
         first, last = parts[0], parts[0]["last"]
         response = pb.GenerateResponse(
             request_id=requests[0].request_id if len(requests) == 1 else requests[0].request_id.rsplit("/", 1)[0],

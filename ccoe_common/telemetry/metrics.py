@@ -10,6 +10,7 @@ returns its text.
 | --- | --- | --- |
 | ccoe_requests_total | counter | expert, code (gRPC status name: OK, NOT_FOUND, ...); one per engine request |
 | ccoe_router_requests_total | counter | policy (explicit, rules, default, none), code; one per gRPC call |
+| ccoe_router_retries_total | counter | reason (replica_lost), outcome (retried, gave_up); its replica died |
 | ccoe_prompt_tokens_total, ccoe_generated_tokens_total | counter | expert |
 | ccoe_ttft_seconds, ccoe_inter_token_latency_seconds | histogram | expert |
 | ccoe_running_sequences, ccoe_queue_depth | gauge | |
@@ -33,6 +34,8 @@ _COUNTERS = {
     "ccoe_prompt_tokens_total": ("Prompt tokens of finished requests.", ("expert",)),
     "ccoe_generated_tokens_total": ("Generated tokens.", ("expert",)),
     "ccoe_router_requests_total": ("gRPC calls by route policy and status.", ("policy", "code")),
+    "ccoe_router_retries_total": ("Requests whose replica died under them: run again elsewhere, or failed "
+                                  "UNAVAILABLE.", ("reason", "outcome")),
     "ccoe_expert_loads_total": ("Expert versions a replica loaded for the registry, by outcome.",
                                 ("expert", "outcome")),
     "ccoe_rollouts_total": ("Finished rollouts by outcome.", ("expert", "outcome")),
@@ -98,6 +101,9 @@ class Metrics:
 
     def router_request(self, policy: str, code: str) -> None:
         self._record("inc", "ccoe_router_requests_total", 1, policy=policy, code=code)
+
+    def router_retry(self, reason: str, outcome: str) -> None:
+        self._record("inc", "ccoe_router_retries_total", 1, reason=reason, outcome=outcome)
 
     def first_token(self, expert: str, seconds: float) -> None:
         self._record("observe", "ccoe_ttft_seconds", seconds, expert=expert)

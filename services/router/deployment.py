@@ -28,20 +28,21 @@ from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.events import Event
 from ccoe_common.serving.grpc_status import apply_error, metadata_of
 from ccoe_common.serving.router_core import RouterCore
-from services.handles import cancelling, watch_desired_state
+from services.handles import replica_stream, watch_desired_state
 
 log = logging.getLogger(__name__)
 FIRST_SYNC_TIMEOUT_S = 300.0
 
 
 class HandleReplicaClient:
-    """Streams from ModelReplica through a DeploymentHandle; closing the stream cancels it."""
+    """Streams from ModelReplica through a DeploymentHandle; closing the stream cancels it, and a
+    replica that dies under it raises ReplicaLost (services/handles.py)."""
 
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
     def stream(self, request: GenerationRequest, carrier: dict[str, str]) -> AsyncGenerator[Event, None]:
-        return cancelling(self.handle.options(stream=True).generate.remote(request, carrier))
+        return replica_stream(self.handle.options(stream=True).generate.remote(request, carrier), request.request_id)
 
 
 @serve.deployment(graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.2)
@@ -98,11 +99,12 @@ class Router:
             self._admit("GenerateStream", request, metadata)
             async for message in self.core.generate_stream(request, metadata):
                 yield message
-        except Exception as e:  # the gRPC edge
-            # Ray applies a stream's status only with a message or an exception: re-raising
-            # after setting the code makes the proxy answer with that code, not INTERNAL.
+        except Exception as e:  # noqa: BLE001 - the gRPC edge: every failure becomes a status
+            # Ray's proxy applies a stream's code, details and trailer (retry-after-ms) only
+            # with a message: an empty one, which the proxy side drops (serving/trailers.py).
+            # Raising would carry the code but lose the trailer, and log a traceback per refusal.
             apply_error(grpc_context, e)
-            raise
+            yield pb.GenerateStreamResponse()
 
     # ---- ccoe.v1.Registry, forwarded -------------------------------------------------------
 
@@ -164,11 +166,15 @@ class Router:
             self.guard.check(f"{REGISTRY}/WatchDesiredState", metadata_of(grpc_context))
             async for message in watch_desired_state(self.registry, request.replica_id):
                 yield message
-        except Exception as e:  # the gRPC edge
+        except Exception as e:  # noqa: BLE001 - the gRPC edge: every failure becomes a status
             apply_error(grpc_context, e)
-            raise
+            yield rpb.DesiredState()  # carries the status, as in GenerateStream
 
     # ---- grpc.health.v1 ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """This router's admission and failover counters (RouterCore.stats)."""
+        return self.core.stats()
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=await self._status(request.service))

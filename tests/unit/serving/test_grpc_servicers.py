@@ -112,6 +112,44 @@ def test_a_stream_that_ends_keeps_its_items_and_errors_propagate():
     assert code == grpc.StatusCode.UNKNOWN and before_error == [b"first"]
 
 
+def _proxy_like_failure(code: grpc.StatusCode, trailer: tuple = (), carrier: bool = True):
+    """A stream that fails as Ray's proxy ends one: the deployment's code, details and trailer land
+    on the call together with a message (the empty carrier), then the stream ends without raising."""
+    async def stream(request: bytes, context) -> object:
+        yield b"token"
+        context.set_code(code)
+        context.set_details("refused")
+        if trailer:
+            context.set_trailing_metadata(trailer)
+        if carrier:
+            yield b""
+    return stream
+
+
+def test_a_failing_stream_brings_its_retry_advice_and_no_extra_message():
+    async def outcome(handler) -> tuple[list[bytes], grpc.StatusCode, dict]:
+        server, address = await _serve(_cancel_safe(handler))
+        got: list[bytes] = []
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                call = channel.unary_stream(METHOD)(b"")
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for m in call:
+                        got.append(m)
+                return got, err.value.code(), dict(err.value.trailing_metadata() or ())
+        finally:
+            await server.stop(None)
+
+    ours = asyncio.run(outcome(_proxy_like_failure(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "250"),))))
+    assert ours == ([b"token"], grpc.StatusCode.RESOURCE_EXHAUSTED, {"retry-after-ms": "250"})
+    # Ray's own backpressure answers bare: the proxy side adds the default advice.
+    bare = asyncio.run(outcome(_proxy_like_failure(grpc.StatusCode.UNAVAILABLE, carrier=False)))
+    assert bare == ([b"token"], grpc.StatusCode.UNAVAILABLE, {"retry-after-ms": "1000"})
+    # A status nobody may retry as it is gets no advice.
+    final = asyncio.run(outcome(_proxy_like_failure(grpc.StatusCode.INVALID_ARGUMENT)))
+    assert final == ([b"token"], grpc.StatusCode.INVALID_ARGUMENT, {})
+
+
 def test_guard_wraps_each_proxy_handler_once():
     made = []
 
