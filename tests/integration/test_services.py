@@ -217,6 +217,7 @@ def test_overload_is_resource_exhausted_with_retry_advice(stub):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.GenerateStream(greedy("Compute", 2), timeout=60))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(err.value.trailing_metadata()).get("retry-after-ms") == "500"  # on streams too
     for s in running:
         s.cancel()
     # Nothing accepted is lost: the queued request completes in full once slots free up.
