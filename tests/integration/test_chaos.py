@@ -7,7 +7,9 @@ the rollout runs, each fault of FAULTS is injected in turn. Counted over every r
 
 - accepted requests that failed with a status a caller may not retry: target 0
   (UNAVAILABLE and RESOURCE_EXHAUSTED, each with retry-after-ms, are the retryable ones);
-- responses that mixed two versions of the expert: target 0.
+- responses that mixed two versions of the expert: target 0;
+
+and the registry afterwards holds what it held before plus the version pushed (nothing lost).
 
 A fault is a function of the running `Chaos` that injects it and says what it did; add one to
 FAULTS to run it in the same rollout (a Redis restart is one more entry).
@@ -146,6 +148,8 @@ def new_math_version(chaos: Chaos, version: int) -> str:
 def test_faults_during_a_rollout_under_load_fail_no_accepted_request_and_never_mix_versions(chaos):
     registry = chaos.registry
     before = registry.get("math")
+    experts_before = sorted(e.name for e in registry.list().experts)
+    rules_before = registry.get_rules().revision
     version = before.latest + 1
     uri = new_math_version(chaos, version)
     started = time.monotonic()
@@ -177,4 +181,9 @@ def test_faults_during_a_rollout_under_load_fail_no_accepted_request_and_never_m
     assert mixed == [], mixed[:3]
     assert all(float(trailer.get("retry-after-ms", "nan")) > 0 for _, _, trailer in load.retryable), load.retryable
     assert done.state == "done" and registry.get("math").serving == version
+    # Nothing lost: the registry holds what it held before, plus the version pushed.
+    after = registry.get("math")
+    assert [v.version for v in after.versions] == [v.version for v in before.versions] + [version]
+    assert sorted(e.name for e in registry.list().experts) == experts_before
+    assert registry.get_rules().revision == rules_before
     assert {v[0] for v in load.versions} >= {version}
