@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         config = AppConfig.load({"backbone": str(backbone), "experts": uris,
                                  "replica": {"dtype": "bfloat16", "engine": engine_cfg.model_dump()},
                                  "auth": {"mode": "token"}})
-        with Engine(model, engine_cfg) as engine, LocalStack(config, grpc_port=free_port()) as stack:
+        with Engine(model, engine_cfg) as engine, \
+                LocalStack(config, grpc_port=free_port(), http_port=free_port()) as stack:
             progress.step("engine and local stack up")
             warm = _requests(min(4, args.clients), args.prompt_tokens, 4, model.tokenizer, 999)
             asyncio.run(_engine_round(engine, warm))

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"starting the local stack (Ray, redis-server, Ray Serve gRPC proxy) with experts {', '.join(first)} ...",
         flush=True)
     t0 = time.monotonic()
-    with stdout_to_stderr(args.json), LocalStack(config, grpc_port=free_port()) as stack:
+    with stdout_to_stderr(args.json), LocalStack(config, grpc_port=free_port(), http_port=free_port()) as stack:
         say(f"up in {time.monotonic() - t0:.1f}s: gRPC {stack.address}, Redis {stack.redis_url}")
         say(f"auth on: this run minted an admin token and an inference token (only their hashes are on disk);\n"
             f"  try: CCOE_TOKEN={stack.admin_token} ccoe expert list --registry {stack.address}\n")
