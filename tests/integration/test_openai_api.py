@@ -45,10 +45,12 @@ def stack(tmp_path_factory):
         "experts": [uris["math"], uris["sql"]],
         "rules": str(rules),
         "auth": {"mode": "token"},
+        "registry": {"allowed_sources": [str(work)]},
         "replica": {"engine": {"max_seq_len": 1024, "max_running": 2, "max_waiting": 1, "max_batched_tokens": 64,
                                "retry_after_s": 0.5}},
     })
     with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as st:
+        st.law_uri = uris["law"]
         yield st
 
 
@@ -105,6 +107,28 @@ def test_models_list_auto_backbone_and_every_served_expert_with_its_version(clie
     assert client.models.retrieve("sql").model_extra["ccoe"]["serving_version"] == 1
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("law")
+
+
+def test_the_model_list_follows_the_registry(stack, client):
+    with stack.registry_client() as registry:
+        pushed = registry.push(stack.law_uri, who="test")
+        registry.wait_rollout("law", pushed.rollout.id, timeout_s=120)
+        deadline = time.monotonic() + 30
+        while "law" not in {m.id for m in client.models.list().data}:  # the router's view follows the registry
+            assert time.monotonic() < deadline, "law@1 went live but /v1/models never listed it"
+            time.sleep(0.1)
+        assert client.models.retrieve("law").model_extra["ccoe"]["serving_version"] == 1
+        r = client.completions.create(model="law", prompt="The court held", max_tokens=2, temperature=0)
+        assert r.model == "law@1"
+        registry.pop("law", who="test", wait_s=30)
+        while "law" in {m.id for m in client.models.list().data}:
+            assert time.monotonic() < deadline + 30, "law was popped but /v1/models still lists it"
+            time.sleep(0.1)
+
+
+def test_ray_serves_health_endpoint_stays_open(stack):
+    with urllib.request.urlopen(stack.http_base_url.removesuffix("/v1") + "/-/healthz", timeout=30) as r:
+        assert r.status == 200
 
 
 def test_chat_with_an_explicit_expert_names_its_version(client):
