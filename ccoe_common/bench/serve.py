@@ -89,9 +89,10 @@ def _requests(n: int, prompt_tokens: int, new_tokens: int, tokenizer, round_no: 
     return [{"prompt": p, "expert": routes[i % len(routes)], "new_tokens": new_tokens} for i, p in enumerate(prompts)]
 
 
-async def _timed(stream: AsyncIterator[Any]) -> tuple[int, float, list[float]]:
-    """Consume one stream of deltas/messages: (tokens, time to first, gaps between the rest)."""
-    start = last = time.perf_counter()
+async def _timed(stream: AsyncIterator[Any], start: float | None = None) -> tuple[int, float, list[float]]:
+    """Consume one stream of deltas/messages: (tokens, time to first, gaps between the rest).
+    `start` is when the request was sent, if before the stream was opened."""
+    start = last = time.perf_counter() if start is None else start
     ttft, gaps, tokens = None, [], 0
     async for item in stream:
         now = time.perf_counter()
@@ -168,11 +169,12 @@ async def _http_round(base_url: str, token: str | None, reqs: list[dict[str, Any
         async def one(r: dict[str, Any]) -> tuple[int, float, list[float]] | None:
             body = {"model": r["expert"] or "backbone", "prompt": r["prompt"], "max_tokens": r["new_tokens"],
                     "temperature": 0, "stream": True, "ignore_eos": True}
+            sent = time.perf_counter()  # the reply's headers wait for the first token: TTFT counts from here
             try:
                 async with session.post(f"{base_url}/completions", json=body, headers=headers) as response:
                     if response.status != 200:
                         return None
-                    return await _timed(_sse_tokens(response))
+                    return await _timed(_sse_tokens(response), start=sent)
             except (aiohttp.ClientError, RuntimeError):
                 return None
 
