@@ -165,6 +165,15 @@ def test_greedy_chat_over_http_equals_grpc_token_for_token(client, stub):
     assert {c.model for c in chunks} == {"sql@1"}
 
 
+def test_seeded_sampling_over_http_equals_grpc(client, stub):
+    grpc_reply = stub.Generate(pb.GenerateRequest(prompt="Compute 12 + 7", max_tokens=10, expert=pb.ExpertRef(
+        name="math"), sampling=pb.SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=5, ignore_eos=True)),
+        timeout=60)
+    http = client.completions.create(model="math", prompt="Compute 12 + 7", max_tokens=10, temperature=0.8,
+                                     top_p=0.9, seed=5, extra_body={"top_k": 50, "ignore_eos": True})
+    assert http.choices[0].model_extra["token_ids"] == list(grpc_reply.token_ids)
+
+
 def test_completion_unary_and_streamed_agree_with_grpc(client, stub):
     grpc_reply = stub.Generate(pb.GenerateRequest(prompt="SELECT name FROM", max_tokens=8,
                                                   sampling=pb.SamplingParams(ignore_eos=True),
