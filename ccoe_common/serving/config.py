@@ -111,12 +111,6 @@ class AppConfig(BaseModel):
         description="Port of Ray Serve's HTTP proxy: the OpenAI-compatible API under /v1 (local stack).")
     redis_url: str | None = Field(None, description="Registry Redis; none = the local stack starts its own.")
 
-    @model_validator(mode="after")
-    def _distinct_ports(self) -> AppConfig:
-        if self.grpc_port == self.http_port:
-            raise ValueError(f"grpc_port and http_port are both {self.grpc_port}; the two proxies need their own")
-        return self
-
     @field_validator("backbone", "rules")
     @classmethod
     def _expand_home(cls, v: str | None) -> str | None:
@@ -126,6 +120,12 @@ class AppConfig(BaseModel):
     @classmethod
     def _expand_home_all(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(os.path.expanduser(u) if u.startswith("~") else u for u in v)
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> AppConfig:
+        if self.grpc_port == self.http_port:
+            raise ValueError(f"grpc_port and http_port are both {self.grpc_port}; the two proxies need their own")
+        return self
 
     @classmethod
     def load(cls, source: str | Path | dict[str, Any] | AppConfig) -> AppConfig:
