@@ -17,7 +17,6 @@ import json
 import random
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +51,8 @@ def _trace(route: pb.RouteTrace) -> str:
 def _ask_http(base_url: str, token: str | None, instruction: str) -> dict[str, Any]:
     """The question as an OpenAI client would send it (what `curl` does): model "auto", so the
     rules route it; the `template` extension wraps it as the Alpaca instruction the experts learned."""
+    import urllib.request  # only here: the demo's one HTTP call
+
     body = {"model": "auto", "prompt": instruction, "template": "alpaca", "max_tokens": MAX_NEW_TOKENS,
             "temperature": 0}
     request = urllib.request.Request(f"{base_url}/completions", data=json.dumps(body).encode(), method="POST",
