@@ -18,4 +18,5 @@ DTYPE_CHOICES: dict[str, torch.dtype | None] = {"auto": None, **DTYPES}
 DEFAULT_BUDGET_FRACTION = 0.15
 
 DEFAULT_GRPC_PORT = 9000
+DEFAULT_HTTP_PORT = 8000  # the OpenAI-compatible HTTP API (Ray Serve's HTTP proxy; KubeRay's serve port)
 DEFAULT_REGISTRY = f"127.0.0.1:{DEFAULT_GRPC_PORT}"

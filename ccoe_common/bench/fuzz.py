@@ -399,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
                                      roles=("inference", "admin", "replica")).line() + "\n")
         config = config.model_copy(update={"auth": AuthConfig(mode="token", tokens_file=str(tokens))})
         options = Options(hints={"uri": (uris["law"], f"file://{uris['law']}")})
-        with LocalStack(config, grpc_port=free_port()) as stack:
+        with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as stack:
             print(f"stack up at {stack.address}; sending {args.cases} requests (seed {args.seed})", flush=True)
             report, serving = fuzz(stack.address, args.cases, args.seed, options, args.timeout_s, token=token)
     totals = report.totals()

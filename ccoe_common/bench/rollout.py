@@ -315,7 +315,7 @@ def collect(wl: Workload, workdir: Path, step: Callable[[str], None]) -> dict[st
     log = Log()
     timings: list[PushTiming] = []
     error = None
-    with LocalStack(config, grpc_port=free_port()) as stack:
+    with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as stack:
         step(f"local stack up: {wl.replicas} replicas serving {EXPERT}@1")
         channel = stack.inference_channel()
         stub = inference_pb2_grpc.InferenceStub(channel)

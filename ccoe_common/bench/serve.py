@@ -5,21 +5,27 @@ experts), each with the same prompt length and a fixed number of new tokens (ign
 
 - `engine`: N concurrent `Engine.generate` streams in this process;
 - `served`: N concurrent gRPC `GenerateStream` calls on loopback through Ray Serve's gRPC
-  proxy, the Router and the ModelReplica (the local stack, one replica, the same engine config).
+  proxy, the Router and the ModelReplica (the local stack, one replica, the same engine config);
+- `http`: the same requests as N concurrent streamed `POST /v1/completions` calls to the
+  OpenAI-compatible API on the same stack (Ray Serve's HTTP proxy, the same Router and replica),
+  read as server-sent events.
 
-Rounds alternate (engine, served, engine, ...) so that machine noise hits both alike; each
-reports the median round. TTFT is measured by the client from sending the request to the
-first message; inter-token latency from the gaps between a stream's messages.
+Rounds rotate the order of the systems (engine, served, http; served, http, engine; ...) so that
+machine noise hits all alike; each reports the median round. TTFT is measured by the client
+from sending the request to the first message (SSE event) carrying a token; inter-token
+latency from the gaps between a stream's messages.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ from ccoe_common.serving.local_stack import LocalStack
 
 EXPERTS = ("d0", "d1", "d2", "d3", "d4")
 TARGET = 0.85
+SYSTEMS = ("engine", "served", "http")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,9 +89,10 @@ def _requests(n: int, prompt_tokens: int, new_tokens: int, tokenizer, round_no: 
     return [{"prompt": p, "expert": routes[i % len(routes)], "new_tokens": new_tokens} for i, p in enumerate(prompts)]
 
 
-async def _timed(stream: AsyncIterator[Any]) -> tuple[int, float, list[float]]:
-    """Consume one stream of deltas/messages: (tokens, time to first, gaps between the rest)."""
-    start = last = time.perf_counter()
+async def _timed(stream: AsyncIterator[Any], start: float | None = None) -> tuple[int, float, list[float]]:
+    """Consume one stream of deltas/messages: (tokens, time to first, gaps between the rest).
+    `start` is when the request was sent, if before the stream was opened."""
+    start = last = time.perf_counter() if start is None else start
     ttft, gaps, tokens = None, [], 0
     async for item in stream:
         now = time.perf_counter()
@@ -133,6 +141,49 @@ async def _served_round(address: str, token: str | None, reqs: list[dict[str, An
     return _round(ok, time.perf_counter() - start, failed=len(results) - len(ok))
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    token_ids: list[int]
+
+
+async def _sse_tokens(response: Any) -> AsyncIterator[_Chunk]:
+    """The token-carrying chunks of an OpenAI SSE stream (aiohttp response), as they arrive."""
+    async for line in response.content:
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        event = json.loads(line[len(b"data: "):])
+        if "error" in event:
+            raise RuntimeError(event["error"]["message"])
+        ids = [t for c in event["choices"] for t in c.get("token_ids", [])]
+        if ids:
+            yield _Chunk(ids)
+
+
+async def _http_round(base_url: str, token: str | None, reqs: list[dict[str, Any]]) -> dict[str, Any]:
+    import aiohttp
+
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(r: dict[str, Any]) -> tuple[int, float, list[float]] | None:
+            body = {"model": r["expert"] or "backbone", "prompt": r["prompt"], "max_tokens": r["new_tokens"],
+                    "temperature": 0, "stream": True, "ignore_eos": True}
+            sent = time.perf_counter()  # the reply's headers wait for the first token: TTFT counts from here
+            try:
+                async with session.post(f"{base_url}/completions", json=body, headers=headers) as response:
+                    if response.status != 200:
+                        return None
+                    return await _timed(_sse_tokens(response), start=sent)
+            except (aiohttp.ClientError, RuntimeError):
+                return None
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(r) for r in reqs))
+    ok = [r for r in results if r is not None]
+    return _round(ok, time.perf_counter() - start, failed=len(results) - len(ok))
+
+
 def _round(results: list[tuple[int, float, list[float]]], seconds: float, failed: int) -> dict[str, Any]:
     return {"tokens": sum(r[0] for r in results), "seconds": seconds, "ttft": [r[1] for r in results],
             "itl": [g for r in results for g in r[2]], "failed": failed}
@@ -142,11 +193,11 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.clients, args.new_tokens, args.rounds = 8, 32, 2
     torch.set_num_threads(2)
-    progress = Progress(2 + 2 * args.rounds, quiet=False)
+    progress = Progress(2 + len(SYSTEMS) * args.rounds, quiet=False)
     engine_cfg = EngineConfig(max_seq_len=args.prompt_tokens * 4 + args.new_tokens + 64,
                               max_running=args.clients, max_batched_tokens=max(256, args.clients),
                               prefill_chunk=256)
-    rounds: dict[str, list[dict[str, Any]]] = {"engine": [], "served": []}
+    rounds: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
     with tempfile.TemporaryDirectory(prefix="ccoe-bench-serve-") as tmp, stdout_to_stderr(args.json):
         backbone, uris = _assets(args.shape, Path(tmp))
         progress.step(f"{args.shape} backbone and {len(uris)} experts written")
@@ -156,18 +207,22 @@ def run(args: argparse.Namespace) -> int:
         config = AppConfig.load({"backbone": str(backbone), "experts": uris,
                                  "replica": {"dtype": "bfloat16", "engine": engine_cfg.model_dump()},
                                  "auth": {"mode": "token"}})
-        with Engine(model, engine_cfg) as engine, LocalStack(config, grpc_port=free_port()) as stack:
+        with Engine(model, engine_cfg) as engine, \
+                LocalStack(config, grpc_port=free_port(), http_port=free_port()) as stack:
             progress.step("engine and local stack up")
             warm = _requests(min(4, args.clients), args.prompt_tokens, 4, model.tokenizer, 999)
             asyncio.run(_engine_round(engine, warm))
             asyncio.run(_served_round(stack.address, stack.inference_token, warm))
+            asyncio.run(_http_round(stack.http_base_url, stack.inference_token, warm))
             for i in range(args.rounds):
                 reqs = _requests(args.clients, args.prompt_tokens, args.new_tokens, model.tokenizer, i)
-                for system in (("engine", "served") if i % 2 == 0 else ("served", "engine")):
+                for system in SYSTEMS[i % len(SYSTEMS):] + SYSTEMS[:i % len(SYSTEMS)]:
                     if system == "engine":
                         result = asyncio.run(_engine_round(engine, reqs))
-                    else:
+                    elif system == "served":
                         result = asyncio.run(_served_round(stack.address, stack.inference_token, reqs))
+                    else:
+                        result = asyncio.run(_http_round(stack.http_base_url, stack.inference_token, reqs))
                     rounds[system].append(result)
                     progress.step(f"round {i + 1}: {system} {result['tokens'] / result['seconds']:.1f} tokens/s")
     report = _report(args, rounds)
@@ -187,6 +242,8 @@ def _report(args: argparse.Namespace, rounds: dict[str, list[dict[str, Any]]]) -
     itl = [g for r in served for g in r["itl"]]
     engine_ttft = [t for r in rounds["engine"] for t in r["ttft"]]
     engine_itl = [g for r in rounds["engine"] for g in r["itl"]]
+    http_ttft = [t for r in rounds["http"] for t in r["ttft"]]
+    http_itl = [g for r in rounds["http"] for g in r["itl"]]
     return {
         "served_tokens_per_s": rate("served"),
         "engine_tokens_per_s": rate("engine"),
@@ -199,6 +256,12 @@ def _report(args: argparse.Namespace, rounds: dict[str, list[dict[str, Any]]]) -
         "engine_itl_p50_ms": _percentile(engine_itl, 50) * 1e3, "engine_itl_p99_ms": _percentile(engine_itl, 99) * 1e3,
         "failed_requests": sum(r["failed"] for r in served),
         "requests": len(ttft) + sum(r["failed"] for r in served),
+        "http_tokens_per_s": rate("http"),
+        "http_ratio": rate("http") / rate("engine"),
+        "http_ttft_p50_ms": _percentile(http_ttft, 50) * 1e3, "http_ttft_p99_ms": _percentile(http_ttft, 99) * 1e3,
+        "http_itl_p50_ms": _percentile(http_itl, 50) * 1e3, "http_itl_p99_ms": _percentile(http_itl, 99) * 1e3,
+        "http_failed_requests": sum(r["failed"] for r in rounds["http"]),
+        "http_requests": len(http_ttft) + sum(r["failed"] for r in rounds["http"]),
         "workload": {"shape": args.shape, "dtype": "bfloat16", "clients": args.clients,
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
                      "routes": ["backbone", *EXPERTS], "torch_threads": 2},
@@ -214,8 +277,14 @@ def _render(r: dict[str, Any]) -> str:
          f"{r['engine_ttft_p99_ms']:.0f}", f"{r['engine_itl_p50_ms']:.1f}", f"{r['engine_itl_p99_ms']:.1f}", "0"),
         ("served (gRPC stack)", f"{r['served_tokens_per_s']:.1f}", f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}",
          f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}", str(r["failed_requests"])),
+        ("http (OpenAI API)", f"{r['http_tokens_per_s']:.1f}", f"{r['http_ttft_p50_ms']:.0f}",
+         f"{r['http_ttft_p99_ms']:.0f}", f"{r['http_itl_p50_ms']:.1f}", f"{r['http_itl_p99_ms']:.1f}",
+         str(r["http_failed_requests"])),
     ]
     table = format_table(("system", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "failed"),
                          rows)
-    verdict = "PASS" if r["ratio"] >= TARGET else "FAIL"
-    return f"{head}\n\n{table}\n\nserved / engine = {r['ratio']:.3f} (target >= {TARGET}) {verdict}"
+    def verdict(ratio: float) -> str:
+        return f"{ratio:.3f} (target >= {TARGET}) {'PASS' if ratio >= TARGET else 'FAIL'}"
+
+    return (f"{head}\n\n{table}\n\nserved / engine = {verdict(r['ratio'])}\n"
+            f"http / engine = {verdict(r['http_ratio'])}")

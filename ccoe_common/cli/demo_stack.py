@@ -5,13 +5,15 @@ cached: `ccoe_common.zoo.build`), starts the local stack on it (local Ray, an em
 redis-server, the Ray Serve app behind its gRPC proxy) with all experts but the last, then over
 real gRPC: asks held-out problems of every domain as an app would (no expert named, the rule
 table routes) and checks each answer; pushes the last expert live through the registry with a
-new rule table and asks its problems again; streams one answer token by token; pops the expert
-and shows the clear error that follows; prints the audit trail; shuts everything down.
+new rule table and asks its problems again; streams one answer token by token and asks the same
+question through the OpenAI-compatible HTTP API; pops the expert and shows the clear error that
+follows; prints the audit trail; shuts everything down.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -44,6 +46,20 @@ def _trace(route: pb.RouteTrace) -> str:
     experts = ", ".join(f"{e.name}@{e.version}" for e in route.experts) or "backbone"
     rule = f" rule={route.rule_id}" if route.rule_id else ""
     return f"policy={route.policy}{rule} -> {experts}"
+
+
+def _ask_http(base_url: str, token: str | None, instruction: str) -> dict[str, Any]:
+    """The question as an OpenAI client would send it (what `curl` does): model "auto", so the
+    rules route it; the `template` extension wraps it as the Alpaca instruction the experts learned."""
+    import urllib.request  # only here: the demo's one HTTP call
+
+    body = {"model": "auto", "prompt": instruction, "template": "alpaca", "max_tokens": MAX_NEW_TOKENS,
+            "temperature": 0}
+    request = urllib.request.Request(f"{base_url}/completions", data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json",
+                                              **({"authorization": f"Bearer {token}"} if token else {})})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())
 
 
 def _row(stub: inference_pb2_grpc.InferenceStub, stage: str, domain: str, question: str, expected: str,
@@ -114,11 +130,13 @@ def run(args: argparse.Namespace) -> int:
     say(f"starting the local stack (Ray, redis-server, Ray Serve gRPC proxy) with experts {', '.join(first)} ...",
         flush=True)
     t0 = time.monotonic()
-    with stdout_to_stderr(args.json), LocalStack(config, grpc_port=free_port()) as stack:
-        say(f"up in {time.monotonic() - t0:.1f}s: gRPC {stack.address}, Redis {stack.redis_url}")
+    with stdout_to_stderr(args.json), LocalStack(config, grpc_port=free_port(), http_port=free_port()) as stack:
+        say(f"up in {time.monotonic() - t0:.1f}s: gRPC {stack.address}, OpenAI HTTP {stack.http_base_url}, "
+            f"Redis {stack.redis_url}")
         say(f"auth on: this run minted an admin token and an inference token (only their hashes are on disk);\n"
             f"  try: CCOE_TOKEN={stack.admin_token} ccoe expert list --registry {stack.address}\n")
         report["grpc_address"] = stack.address
+        report["http_base_url"] = stack.http_base_url
         channel = stack.inference_channel()
         stub = inference_pb2_grpc.InferenceStub(channel)
 
@@ -155,6 +173,20 @@ def run(args: argparse.Namespace) -> int:
                 say(f"[{msg.text}]" if msg.text else "[…]", end="", flush=True)
             say(f"  ({len(pieces)} messages, {_trace(pieces[0].route)})")
             report["stream_messages"] = len(pieces)
+
+            question = problems[first[0]][0].instruction
+            say(f"\nthe same question through the OpenAI-compatible HTTP API ({stack.http_base_url}):\n"
+                f"    curl {stack.http_base_url}/completions -H 'authorization: Bearer $TOKEN' "
+                f"-H 'content-type: application/json' \\\n"
+                f"      -d '{{\"model\": \"auto\", \"prompt\": {json.dumps(question)}, \"template\": \"alpaca\", "
+                f"\"max_tokens\": {MAX_NEW_TOKENS}, \"temperature\": 0}}'")
+            http = _ask_http(stack.http_base_url, stack.inference_token, question)
+            same = http["choices"][0]["text"] == "".join(m.text for m in pieces)
+            say(f"    -> model {http['model']!r}: {http['choices'][0]['text']!r} "
+                f"({'the same answer as over gRPC' if same else 'DIFFERS from the gRPC answer'}; "
+                f"route policy={http['ccoe']['route']['policy']})")
+            report["http"] = {"base_url": stack.http_base_url, "model": http["model"],
+                              "text": http["choices"][0]["text"], "same_as_grpc": same}
 
             popped_msg = registry.pop(live, who="demo", wait_s=30)
             popped = [f"{e.name}@{e.version}" for e in popped_msg.retired]

@@ -15,7 +15,7 @@ from typing import Literal
 from ccoe_common.errors import InvalidRequest, Unimplemented
 from ccoe_common.routing.rules import RuleTable
 
-Mode = Literal["AUTO", "RULES", "EXPERT", "PLAN"]
+Mode = Literal["AUTO", "RULES", "EXPERT", "PLAN", "BACKBONE"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Route:
 def decide(query: RouteQuery, table: RuleTable) -> Route:
     if query.mode == "PLAN":
         raise Unimplemented("routing mode PLAN (expert planning) is not served yet; use AUTO, RULES or EXPERT")
+    if query.mode == "BACKBONE":
+        return Route("explicit", "", "request asked for the bare backbone", ())
     if query.mode == "EXPERT" and not query.expert:
         raise InvalidRequest("expert", "routing mode EXPERT needs expert.name")
     if query.expert and query.mode in ("AUTO", "EXPERT"):

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ccoe_common.auth.config import AuthConfig
-from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DEFAULT_GRPC_PORT
+from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 from ccoe_common.engine.engine import EngineConfig
 from ccoe_common.engine.params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from ccoe_common.errors import CCoEError
@@ -118,6 +118,9 @@ class AppConfig(BaseModel):
                                                        "{mode: none}; see docs/security.md.")
     grpc_port: int = Field(
         DEFAULT_GRPC_PORT, ge=1, le=65535, description="Port of Ray Serve's gRPC proxy (local stack).")
+    http_port: int = Field(
+        DEFAULT_HTTP_PORT, ge=1, le=65535,
+        description="Port of Ray Serve's HTTP proxy: the OpenAI-compatible API under /v1 (local stack).")
     redis_url: str | None = Field(None, description="Registry Redis; none = the local stack starts its own.")
 
     @model_validator(mode="after")
@@ -159,6 +162,12 @@ class AppConfig(BaseModel):
     @classmethod
     def _expand_home_all(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(os.path.expanduser(u) if u.startswith("~") else u for u in v)
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> AppConfig:
+        if self.grpc_port == self.http_port:
+            raise ValueError(f"grpc_port and http_port are both {self.grpc_port}; the two proxies need their own")
+        return self
 
     @classmethod
     def load(cls, source: str | Path | dict[str, Any] | AppConfig) -> AppConfig:

@@ -16,7 +16,7 @@ from ccoe_common.serving.config import RouterConfig
 
 _TEMPLATES: dict[int, Template] = {pb.RAW: "raw", pb.ALPACA: "alpaca", pb.CHAT: "chat"}
 _MODES: dict[int, Mode] = {pb.ROUTING_MODE_UNSPECIFIED: "AUTO", pb.AUTO: "AUTO", pb.RULES: "RULES", pb.EXPERT: "EXPERT",
-          pb.PLAN: "PLAN"}
+          pb.PLAN: "PLAN", pb.BACKBONE: "BACKBONE"}
 DEFAULT_MAX_TOKENS = 64
 
 

@@ -1,5 +1,6 @@
 """The local stack: a local Ray (its own token auth on), a Redis it starts itself (unless one
-is configured), and the app deployed behind Ray Serve's gRPC proxy.
+is configured), and the app deployed behind Ray Serve's gRPC proxy and its HTTP proxy (the
+OpenAI-compatible API at `stack.http_base_url`).
 
     with LocalStack(config) as stack:                 # config.auth = {mode: token}
         stub = InferenceStub(stack.inference_channel())
@@ -52,11 +53,12 @@ def import_attr(path: str) -> Callable[..., Any]:
 
 
 class LocalStack:
-    def __init__(self, config: AppConfig, *, grpc_port: int | None = None, num_cpus: int | None = None,
-                 builder: str = APP_BUILDER):
+    def __init__(self, config: AppConfig, *, grpc_port: int | None = None, http_port: int | None = None,
+                 num_cpus: int | None = None, builder: str = APP_BUILDER):
         self.config = config
         self.builder = builder
         self.grpc_port = grpc_port or config.grpc_port
+        self.http_port = http_port or config.http_port
         self.num_cpus = num_cpus or max(2, os.cpu_count() or 2)
         self.redis: RedisServer | None = None
         self.redis_url = config.redis_url
@@ -93,6 +95,11 @@ class LocalStack:
         return f"127.0.0.1:{self.grpc_port}"
 
     @property
+    def http_base_url(self) -> str:
+        """The OpenAI-compatible API's base URL, as the openai SDKs take it (`base_url=`)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+    @property
     def metrics_url(self) -> str:
         """Prometheus text of every Ray process on this node (ray_ccoe_* are ours)."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -125,7 +132,7 @@ class LocalStack:
                      # proxy, router), so they must not lose the cores to Ray's own daemons.
                      _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS, "worker_niceness": 0})
         serve.start(
-            http_options={"host": "127.0.0.1", "port": free_port()},
+            http_options={"host": "127.0.0.1", "port": self.http_port},
             grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
         )
         config = self.config.model_copy(update={"redis_url": self.redis_url})
@@ -137,7 +144,8 @@ class LocalStack:
             registry = config.registry.model_copy(update={"artifact_store": self._artifacts.name})
             config = config.model_copy(update={"registry": registry})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        log.info("stack up in %.1fs; gRPC at %s", time.monotonic() - started, self.address)
+        log.info("stack up in %.1fs; gRPC at %s, HTTP at %s", time.monotonic() - started, self.address,
+                 self.http_base_url)
         return self
 
     def stop(self) -> None:

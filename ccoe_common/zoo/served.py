@@ -44,7 +44,7 @@ def zoo_stack(backbone: str, expert_uris: dict[str, str], rules: ZooRules, *, wh
     config = AppConfig.load({"backbone": backbone, "auth": {"mode": "token"},
                              "registry": {"allowed_sources": sources},
                              "replica": {"engine": {"max_running": 16, "max_waiting": 256, "max_seq_len": 512}}})
-    with LocalStack(config, grpc_port=free_port()) as stack, stack.registry_client() as registry:
+    with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as stack, stack.registry_client() as registry:
         for name, uri in expert_uris.items():
             pushed = registry.push(uri, who=who)
             done = registry.wait_rollout(name, pushed.rollout.id, timeout_s=300)

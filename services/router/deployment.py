@@ -1,7 +1,8 @@
-"""Router: the app's gRPC ingress. Serves ccoe.v1.Inference and grpc.health.v1 Health, and
+"""Router: the app's ingress. Serves ccoe.v1.Inference and grpc.health.v1 Health over gRPC,
 forwards ccoe.v1.Registry calls to the Registry deployment (Ray Serve's proxy sends every call
-of an app to its one ingress). Glue only: routing lives in ccoe_common.serving.router_core,
-the control plane in ccoe_common.registry.service.
+of an app to its one ingress), and serves the OpenAI-compatible HTTP API on Ray Serve's HTTP
+proxy (`__call__`). Glue only: routing lives in ccoe_common.serving.router_core, the HTTP API
+in ccoe_common.serving.openai_api, the control plane in ccoe_common.registry.service.
 
 The router follows the registry's desired state (serving versions, rule table) and applies
 the full state before its constructor returns, so it never routes on a guess."""
@@ -17,6 +18,8 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
 
 from ccoe_common.auth.guard import INFERENCE, REGISTRY, Guard
 from ccoe_common.engine.params import GenerationRequest
@@ -27,6 +30,7 @@ from ccoe_common.registry.service import receive_upload
 from ccoe_common.serving.config import AppConfig
 from ccoe_common.serving.events import Event
 from ccoe_common.serving.grpc_status import apply_error, metadata_of
+from ccoe_common.serving.openai_api.frontend import OpenAIFrontend
 from ccoe_common.serving.router_core import RouterCore
 from services.handles import replica_stream, watch_desired_state
 
@@ -56,6 +60,7 @@ class Router:
         self.core = RouterCore(cfg, HandleReplicaClient(replica))
         self.artifacts = ArtifactStore(cfg.registry.artifact_store)
         self.core.refresh_view = self._refresh
+        self.openai = OpenAIFrontend(self.core, self.guard)  # same core: same routing, admission, retries
         stream = watch_desired_state(registry)
         self._apply(await asyncio.wait_for(anext(stream), FIRST_SYNC_TIMEOUT_S))
         self._follow_task = asyncio.create_task(self._follow(stream))
@@ -105,6 +110,11 @@ class Router:
             # Raising would carry the code but lose the trailer, and log a traceback per refusal.
             apply_error(grpc_context, e)
             yield pb.GenerateStreamResponse()
+
+    # ---- the OpenAI-compatible HTTP API ------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        return await self.openai.handle(request)
 
     # ---- ccoe.v1.Registry, forwarded -------------------------------------------------------
 

@@ -93,7 +93,7 @@ def test_core_demo_runs_and_checks_itself(tmp_path):
 
 def test_stack_demo_over_grpc(tmp_path):
     """The README's main job (on the toy zoo): the zoo built, then local Ray + redis-server + the
-    gRPC app, held-out problems routed by the rules, a live push and pop through the registry."""
+    gRPC app, held-out problems routed by the rules, one over HTTP, a live push and pop through the registry."""
     proc = ccoe("demo", "--quick", "--workdir", str(tmp_path), "--per-domain", "2", "--json")
     report = json.loads(proc.stdout)
     before = [r for r in report["answers"] if r["stage"] == "before push"]
@@ -104,6 +104,8 @@ def test_stack_demo_over_grpc(tmp_path):
     assert [(r["domain"], r["experts"], r["rule_id"]) for r in after] == [("units", ["units@1"], "r-units")] * 2
     assert all(r["answer"] and r["question"] for r in report["answers"])
     assert report["stream_messages"] >= 1
+    # The same question over the OpenAI-compatible HTTP API: same route, same greedy answer.
+    assert report["http"]["model"] == "arith@1" and report["http"]["same_as_grpc"] is True
     assert report["push"] == {**report["push"], "pushed": "units@1", "routed_after_push": True, "popped": ["units@1"]}
     assert report["push"]["after_pop"].startswith("NOT_FOUND") and "units" in report["push"]["after_pop"]
     assert report["audit"][-4:] == ["rollout_assign", "rollout_done", "set_rules", "retire"]

@@ -63,7 +63,7 @@ def stack(tmp_path_factory):
                      "allowed_sources": [str(tmp_path_factory.getbasetemp())],
                      "allowed_export_prefixes": [str(tmp_path_factory.getbasetemp())]},
     })
-    with LocalStack(config, grpc_port=free_port()) as st:
+    with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as st:
         st.law_uri = uris["law"]
         yield st
 

@@ -72,7 +72,7 @@ def stack(tmp_path_factory):
         "auth": {"mode": "token", "tokens_file": str(tokens),
                  "rate_limit": {"requests_per_s": 0.5, "burst": BURST}},
     })
-    with LocalStack(config, grpc_port=free_port()) as st:
+    with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as st:
         yield st
 
 

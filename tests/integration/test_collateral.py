@@ -38,7 +38,7 @@ def stack(tmp_path_factory):
         # Room for all seven requests in the same steps.
         "replica": {"engine": {"max_seq_len": 1024, "max_running": 8, "max_waiting": 8, "max_batched_tokens": 256}},
     })
-    with LocalStack(config, grpc_port=free_port()) as st:
+    with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as st:
         yield st
 
 

@@ -54,7 +54,7 @@ def stack(work, redis_server):
         "registry": {"artifact_store": str(work / "store"), "heartbeat_ttl_s": TTL_S,
                      "allowed_sources": [str(work)]},
     })
-    with LocalStack(config, grpc_port=free_port()) as st:
+    with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as st:
         yield st
 
 

@@ -63,7 +63,7 @@ def stack(tmp_path_factory):
         "replica": {"engine": {"max_seq_len": 1024, "max_running": 2, "max_waiting": 1, "max_batched_tokens": 64,
                                "retry_after_s": 0.5}},
     })
-    with LocalStack(config, grpc_port=free_port()) as st:
+    with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as st:
         st.rules_path = rules
         st.trace_dir = trace_dir
         st.law_uri = uris["law"]

@@ -205,6 +205,7 @@ rules: rules
 rules_inline: rules
 redis_url: redis.enabled / redis.external.url
 grpc_port: service.grpcPort
+http_port: service.httpPort
 auth: auth.*
 replica.num_replicas: replicas.count / replicas.autoscaling
 replica.num_cpus: replicas.cpus
@@ -250,6 +251,7 @@ registry.artifact_store: artifacts.*
 {{- end }}
 {{- $_ := set $app "redis_url" (include "ccoe.redisUrl" .) }}
 {{- $_ := set $app "grpc_port" $v.service.grpcPort }}
+{{- $_ := set $app "http_port" $v.service.httpPort }}
 {{- if eq $v.auth.mode "token" }}
 {{- $auth := dict "mode" "token" "tokens_file" (printf "%s/%s" (include "ccoe.authDir" .) $v.auth.tokensKey) }}
 {{- if $v.auth.replicaToken.existingSecret }}

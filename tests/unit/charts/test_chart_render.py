@@ -118,6 +118,7 @@ def test_serve_config_is_a_valid_ray_serve_config(rendered: Rendered) -> None:
 def test_args_pass_the_apps_own_config_model(rendered: Rendered) -> None:
     config = AppConfig.load(app_args(rendered))
     assert config.grpc_port == serve_config(rendered)["grpc_options"]["port"]
+    assert config.http_port == serve_config(rendered)["http_options"]["port"]
     assert config.redis_url is not None and "@" not in config.redis_url.split("//", 1)[1]
 
 

@@ -60,6 +60,12 @@ def test_decisions_follow_explicit_rules_default(table):
         decide(RouteQuery("x", mode="PLAN"), table)
 
 
+def test_backbone_mode_skips_the_expert_rules_and_default(table):
+    # The table's default is an expert ('general') and a rule matches: BACKBONE still means none.
+    route = decide(RouteQuery("How many apples?", mode="BACKBONE", expert="law", domain="math"), table)
+    assert (route.policy, route.experts, route.reason) == ("explicit", (), "request asked for the bare backbone")
+
+
 def test_backbone_default():
     table = RuleTable.from_text("rules: []")
     assert decide(RouteQuery("x"), table).experts == ()

@@ -8,9 +8,9 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DEFAULT_GRPC_PORT, DEFAULT_REGISTRY
+from ccoe_common.defaults import DEFAULT_BUDGET_FRACTION, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_REGISTRY
 from ccoe_common.registry.config import RegistryConfig
-from ccoe_common.serving.config import AppConfig, ReplicaConfig
+from ccoe_common.serving.config import AppConfig, ConfigError, ReplicaConfig
 from ccoe_common.settings import load_settings
 from ccoe_common.telemetry.config import TelemetryConfig
 
@@ -60,3 +60,9 @@ def test_the_app_config_composes_the_sections_and_shared_defaults(monkeypatch):
     # The ops commands' default registry address is where a default config's gRPC port listens.
     assert load_settings().registry == DEFAULT_REGISTRY == f"127.0.0.1:{config.grpc_port}"
     assert config.grpc_port == DEFAULT_GRPC_PORT
+
+
+def test_the_http_port_is_its_own():
+    assert AppConfig.load({"backbone": "/m"}).http_port == DEFAULT_HTTP_PORT == 8000
+    with pytest.raises(ConfigError, match="grpc_port and http_port are both 9000"):
+        AppConfig.load({"backbone": "/m", "http_port": 9000})
