@@ -9,6 +9,11 @@ smoke-tested through the real engine, pinned by version, before it is reported a
 the registry moves traffic to a version only once every replica reports it. A version that
 stops being wanted is popped (drained) after `retire_grace_s`, which lets routers that still
 resolve to it catch up.
+
+Fail static (fail_static.py): a desired state that goes backwards (an older revision, an empty
+store, a re-initialised one missing experts held here) is not followed into freeing anything.
+The replica keeps every version it holds, still loads what it is told to load, and frees nothing
+until a consistent state arrives.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.config import RegistryConfig
+from ccoe_common.registry.fail_static import FailStatic, View
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 
@@ -51,6 +57,7 @@ class ReplicaFollower:
         self._unwanted_since: dict[ExpertKey, float] = {}
         self._want: dict[ExpertKey, str] = {}
         self._stop = asyncio.Event()
+        self.fail_static = FailStatic("replica", metrics)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -80,10 +87,12 @@ class ReplicaFollower:
     async def apply(self, msg: pb.DesiredState) -> None:
         want = {ExpertKey(d.name, d.version): d.uri for d in msg.load}
         traces = {ExpertKey(d.name, d.version): d.traceparent for d in msg.load if d.traceparent}
-        self._want = want
+        consistent = self.fail_static.admit(View.of(msg.epoch, msg.revision, msg.serving))
+        # Holding: what it held stays wanted (nothing is freed), what is asked for is loaded.
+        self._want = want if consistent else {**self._want, **want}
         # A failure is remembered while the version is wanted (no retry loop on a bad
         # artifact); once it is no longer wanted, a later rollout of it gets a fresh try.
-        self.failures = {k: r for k, r in self.failures.items() if k in want}
+        self.failures = {k: r for k, r in self.failures.items() if k in self._want}
         for key, uri in sorted(want.items()):
             if key in self.held() or str(key) in self.engine.stats().staged or key in self.failures:
                 continue  # held or under test already; a failed version is not retried
@@ -99,11 +108,14 @@ class ReplicaFollower:
                     log.warning("could not load %s from %s: %s", key, uri, e)
                 if self.metrics is not None:
                     self.metrics.expert_loaded(str(key), key not in self.failures, time.monotonic() - started)
-        self.seen_revision = msg.revision
+        if consistent:
+            self.seen_revision = msg.revision
         self._retire_unwanted()
         await self.report()
 
     def _retire_unwanted(self) -> None:
+        if self.fail_static.holding:
+            return
         now = time.monotonic()
         for key in self.held():
             if key in self._want:

@@ -50,7 +50,7 @@ class ModelReplica:
         return await asyncio.to_thread(self.runtime.validate, uri)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.runtime.stats(), "replica_id": self.replica_id}
+        return {**self.runtime.stats(), "replica_id": self.replica_id, "registry": self.follower.fail_static.status()}
 
     def check_health(self) -> None:
         if not self.runtime.healthy():
