@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from ccoe_common.engine.engine import Engine
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.experts.reference import ExpertKey
+from ccoe_common.model.expert import LoadedExpert
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.config import RegistryConfig
 from ccoe_common.registry.fail_static import FailStatic, View
@@ -45,8 +46,10 @@ class SmokeTestFailed(RuntimeError):
 
 class ReplicaFollower:
     def __init__(self, engine: Engine, replica_id: str, watch: Watch, report: Report, config: RegistryConfig,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, loader: Callable[[str], LoadedExpert] | None = None):
+        """loader: uri -> a checked, not yet resident expert (default `engine.load`)."""
         self.engine = engine
+        self._loader = loader or engine.load
         self.replica_id = replica_id
         self._watch = watch
         self._report = report
@@ -132,7 +135,7 @@ class ReplicaFollower:
 
     async def load(self, key: ExpertKey, uri: str) -> None:
         started = time.monotonic()
-        expert = await asyncio.to_thread(self.engine.load, uri)
+        expert = await asyncio.to_thread(self._loader, uri)
         if expert.key != key:
             raise ValueError(f"artifact {uri} holds {expert.key}, the registry expected {key}")
         # Staged: only the smoke test runs on it until it passes, whoever asks for it by name.

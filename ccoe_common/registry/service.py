@@ -147,6 +147,9 @@ class RegistryService:
         self._snapshot: DesiredState | None = None
         self._changed = asyncio.Condition()
         self._poke = asyncio.Event()  # set after our own writes: re-read at once, not at the next poll
+        # Wakes the rollout controller: a replica reported, or the desired state changed. Without
+        # it the controller would find a replica's "loaded" report only at its next interval.
+        self._work = asyncio.Event()
         self._config_uris: tuple[str, ...] = ()  # the config's experts, re-registered into an empty store
 
     # ---- plumbing --------------------------------------------------------------------------
@@ -222,14 +225,17 @@ class RegistryService:
         # Decided on the URI's text before anything reads it (no fetch of a URL it names, no
         # answer that depends on whether a path exists); the normalised form is what is read.
         source = self.locations.source(req.uri)
-        # Validate the source first (a replica loads it without serving it), so a refused
-        # artifact never occupies a name@version in the store.
+        # A replica validates the source (loads it without serving it) while this process copies it
+        # into the store (sha256 checked as it streams): the same bytes read by two processes at
+        # once, so a push costs the slower of the two, not their sum. The copy of an artifact that
+        # is refused, or cannot be validated now, is removed before the answer goes out.
+        copying = asyncio.ensure_future(self._store_copy(source))
         try:
             await self.validate(source)
-        except (ArtifactRefused, ExpertError):
-            await self._discard_unregistered(source)
+        except BaseException as e:
+            await self._undo_copy(source, copying, refused=isinstance(e, (ArtifactRefused, ExpertError)))
             raise
-        stored = await self._store_copy(source)
+        stored = await copying
         name, version = stored.name, stored.version
         expected = req.expected_revision if req.HasField("expected_revision") else None
         who = req.who or "unknown"
@@ -252,7 +258,22 @@ class RegistryService:
         return pb.PushExpertResponse(expert=ipb.ExpertRef(name=name, version=version), revision=rev,
                                      stored_uri=stored.uri, rollout=rollout_to_pb(record, await self._live()))
 
-    async def _discard_unregistered(self, source: str) -> None:
+    async def _undo_copy(self, source: str, copying: asyncio.Future[StoredArtifact], *, refused: bool) -> None:
+        """After validation failed: an upload (a source inside the store) is removed only if it was
+        refused (an UNAVAILABLE push of it can be retried); a copy this push made is removed in any
+        case, unless it is registered or another push has since replaced it with other weights."""
+        try:
+            copied = await copying
+        except Exception:  # noqa: BLE001 - the validation's error is the answer
+            copied = None
+        if self.artifacts.stored_key(source) is not None:
+            if refused:
+                await self._discard_unregistered(source)
+            return
+        if copied is not None:
+            await self._discard_unregistered(copied.uri, copied.weights_sha256)
+
+    async def _discard_unregistered(self, source: str, weights_sha256: str | None = None) -> None:
         """An uploaded artifact whose push was refused leaves the store (a 48 MiB junk upload
         used to stay there); a registered version is never removed."""
         key = self.artifacts.stored_key(source)
@@ -261,6 +282,12 @@ class RegistryService:
         try:
             await self._io(self.store.version, *key)
         except ExpertNotFound:
+            if weights_sha256 is not None:
+                try:
+                    if (await asyncio.to_thread(read_manifest, source)).weights_sha256 != weights_sha256:
+                        return  # another push's copy took its place meanwhile
+                except ExpertError:
+                    pass
             if await asyncio.to_thread(self.artifacts.discard, *key):
                 log.info("removed %s@%d from the artifact store: its push was refused", *key)
 
@@ -475,6 +502,15 @@ class RegistryService:
         record = await self._with_cas(None, req.expert, attempt)
         return rollout_to_pb(record, await self._live())
 
+    async def wait_for_work(self, timeout_s: float) -> None:
+        """Until a replica reports or the desired state changes, at most `timeout_s`: the
+        controller's pause between ticks."""
+        try:
+            await asyncio.wait_for(self._work.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        self._work.clear()
+
     async def tick(self) -> int:
         """Advance every active rollout one step; returns how many changed. Which rollouts are
         active comes from the followed snapshot (no extra read per tick); each one is re-read
@@ -528,6 +564,7 @@ class RegistryService:
                 "healthy": state.healthy, "memory_bytes": state.memory_bytes,
                 "seen_revision": state.seen_revision, "running": state.running, "at": time.time()}
         await self._io(self.store.heartbeat, state.replica_id, body, self.config.heartbeat_ttl_s)
+        self._work.set()
         snapshot = self._snapshot
         return pb.ReportReplicaStateResponse(revision=snapshot.rev if snapshot else 0)
 
@@ -567,6 +604,7 @@ class RegistryService:
                 if (epoch, rev) != last or now - last_sync > self.config.resync_s:
                     self._snapshot = await asyncio.to_thread(self.store.desired_state)
                     last, last_sync = (epoch, rev), now
+                    self._work.set()
                     async with self._changed:
                         self._changed.notify_all()
                 if failures:

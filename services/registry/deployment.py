@@ -62,7 +62,7 @@ class Registry:
                 await self.service.tick()
             except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next tick retries
                 log.warning("rollout controller tick failed: %s", e)
-            await asyncio.sleep(self.config.registry.controller_interval_s)
+            await self.service.wait_for_work(self.config.registry.controller_interval_s)
 
     async def PushExpert(self, request: pb.PushExpertRequest) -> pb.PushExpertResponse:
         return await self.service.push(request)
