@@ -12,8 +12,11 @@ ships, so a plain `pip install` is enough.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +24,18 @@ from pathlib import Path
 import redis
 
 from ccoe_common.ports import free_port
+
+_PR_SET_PDEATHSIG = 1
+# Looked up here, not in the forked child: loading a library there could wait on a lock some
+# other thread of the parent held at fork time.
+_prctl = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the thread that started it ends, so a
+    driver killed outright (SIGKILL, a test's timeout) leaves no redis-server behind."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class RedisUnavailable(RuntimeError):
@@ -66,7 +81,8 @@ class RedisServer:
                 "--protected-mode", "no"]
         args += (["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""] if self.persist
                  else ["--appendonly", "no", "--save", ""])
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
