@@ -610,7 +610,7 @@ class RegistryService:
                 if failures:
                     log.warning("registry Redis reachable again after %d failed reads", failures)
                 failures = 0
-            except (redis.ConnectionError, redis.TimeoutError) as e:
+            except (redis.ConnectionError, redis.TimeoutError, StoreUnavailable) as e:
                 delay = _REDIS_BACKOFF_S[min(failures, len(_REDIS_BACKOFF_S) - 1)]
                 failures += 1
                 log.warning("registry Redis unreachable (%s); retrying in %.1fs, serving goes on", e, delay)
