@@ -14,8 +14,8 @@ PushExpert (all-at-once rollouts), and for each:
 
 Every response of the load and the probes is checked: a response fails on any gRPC error,
 and is "mixed" if its messages name more than one version of the expert. Exit status 1 if
-any failed or was mixed, or a push never went live; timing is reported against the 5 s p99
-target, not enforced (it depends on how busy the machine is).
+any failed or was mixed, or a push never went live; timing is reported against the p99 target
+(3 s, --quick 2 s), not enforced (it depends on how busy the machine is).
 
     ccoe bench rollout                  # 0.5b shape, 2 replicas, 10 pushes
     ccoe bench rollout --quick --json   # 3 pushes, < 5 minutes on 2 cores
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from ccoe_common.serving.local_stack import LocalStack
 
 EXPERT = "rollout"
-TARGET_P99_S = 5.0
 SHAPES: dict[str, dict[str, Any]] = {
     "0.5b": THROUGHPUT_SHAPES["0.5b"],
     "150m": MEMORY_SHAPES["150m"],
@@ -79,10 +78,11 @@ class Workload:
     max_tokens: int = 8
     pushes: int = 10
     gap_s: float = 2.0  # load keeps running between pushes, so every version serves a while
+    target_p99_s: float = 3.0  # push-to-live p99 reported as met or not (not enforced)
 
 
 FULL = Workload()
-QUICK = Workload(pushes=3, gap_s=1.0)
+QUICK = Workload(pushes=3, gap_s=1.0, target_p99_s=2.0)
 
 
 # ---- CLI ------------------------------------------------------------------------------------
@@ -356,8 +356,8 @@ def report(wl: Workload, assets: Assets, log: Log, timings: list[PushTiming], er
         "requests": len(responses),
         "failed_requests": sum(failures.values()),
         "mixed_version_responses": sum(len(r.versions) > 1 for r in responses),
-        "target_p99_s": TARGET_P99_S,
-        "target_met": bool(timings) and p99 <= TARGET_P99_S,
+        "target_p99_s": wl.target_p99_s,
+        "target_met": bool(timings) and p99 <= wl.target_p99_s,
         "push_to_live_max_s": round(max(live, default=0.0), 3),
         "probe_requests": sum(r.probe for r in responses),
         "stale_responses": stale_responses(responses, timings),
@@ -414,7 +414,7 @@ def render(r: dict[str, Any]) -> str:
     lines = [
         head, "", table, "",
         f"push-to-live over {r['pushes']} pushes: p50 {r['push_to_live_p50_s']:.2f}s, "
-        f"p99 {r['push_to_live_p99_s']:.2f}s (= the slowest push); target p99 <= {TARGET_P99_S:g}s: {timing}",
+        f"p99 {r['push_to_live_p99_s']:.2f}s (= the slowest push); target p99 <= {r['target_p99_s']:g}s: {timing}",
         f"requests {r['requests']} ({r['probe_requests']} probes), failed {r['failed_requests']}"
         f"{f' ({failures})' if failures else ''}, mixed-version responses {r['mixed_version_responses']}, "
         f"answered by an older version after the new one was live {r['stale_responses']}: {serving}",

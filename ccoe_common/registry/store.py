@@ -10,6 +10,7 @@ Key schema (prefix `ccoe:`, all values UTF-8 JSON unless said otherwise):
 
 | key | type | holds |
 | --- | --- | --- |
+| `ccoe:epoch` | string | the store's identity, written once; a store that lost its data has none |
 | `ccoe:rev` | string (int) | global revision, +1 on every change |
 | `ccoe:experts` | set | names of registered experts |
 | `ccoe:expert:{name}` | hash | `rev` (per-expert CAS revision), `latest` (newest registered version) |
@@ -114,6 +115,20 @@ return {'ok', cur + 1, rev}
 """
 
 
+# Gives a store its epoch unless it has one, audited. KEYS: epoch, rev, audit, channel, experts
+# ARGV: new epoch, who. Returns {1, epoch} if it wrote it, {0, the existing epoch} if not.
+_INIT_EPOCH = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {0, existing} end
+redis.call('SET', KEYS[1], ARGV[1])
+local rev = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[3], '*', 'who', ARGV[2], 'what', 'store_initialized', 'rev', rev,
+           'detail', cjson.encode({epoch = ARGV[1], experts = redis.call('SCARD', KEYS[5])}))
+redis.call('PUBLISH', KEYS[4], rev)
+return {1, ARGV[1]}
+"""
+
+
 @dataclass(frozen=True)
 class VersionRecord:
     name: str
@@ -142,6 +157,7 @@ class DesiredState:
     rules_rev: int
     rules: dict[str, Any] | None = None
     rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> rollout record
+    epoch: str = ""  # the store's identity ("" = none: an empty store, see fail_static.py)
 
 
 @dataclass(frozen=True)
@@ -183,6 +199,7 @@ class RegistryStore:
         self._retire = client.register_script(_RETIRE)
         self._set_rules = client.register_script(_SET_RULES)
         self._update = client.register_script(_UPDATE)
+        self._init_epoch = client.register_script(_INIT_EPOCH)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RegistryStore:
@@ -250,6 +267,13 @@ class RegistryStore:
                                  args=[expected_rev, json.dumps(table, sort_keys=True), who])
         return self._outcome(result, "the rule table", expected_rev)
 
+    def init_epoch(self, epoch: str, who: str) -> tuple[bool, str]:
+        """Give the store the epoch `epoch` unless it has one: (True, epoch) if written, else
+        (False, the existing one). Atomic, so of two registries racing only one writes."""
+        written, current = self._init_epoch(keys=[PREFIX + "epoch", PREFIX + "rev", PREFIX + "audit", CHANNEL,
+                                                  PREFIX + "experts"], args=[epoch, who])
+        return bool(int(written)), str(current)
+
     @staticmethod
     def _outcome(result: list, what: str, expected_rev: int, version: int | None = None) -> int:
         status = result[0]
@@ -291,6 +315,14 @@ class RegistryStore:
         """The global revision: +1 on every change, so a watcher polls it to see that something changed."""
         return int(self.r.get(PREFIX + "rev") or 0)
 
+    def head(self) -> tuple[str, int]:
+        """(epoch, global revision) in one round trip; what the registry polls. ("", 0) = an empty store."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(PREFIX + "epoch")
+        pipe.get(PREFIX + "rev")
+        epoch, rev = pipe.execute()
+        return epoch or "", int(rev or 0)
+
     def expert_rev(self, name: str) -> int:
         return int(self.r.hget(self._expert(name), "rev") or 0)
 
@@ -304,10 +336,11 @@ class RegistryStore:
         pipe.hgetall(PREFIX + "desired")
         pipe.hmget(PREFIX + "rules", "rev", "table")
         pipe.hgetall(PREFIX + "rollouts")
-        rev, desired, (rules_rev, table), rollouts = pipe.execute()
+        pipe.get(PREFIX + "epoch")
+        rev, desired, (rules_rev, table), rollouts, epoch = pipe.execute()
         return DesiredState(int(rev or 0), {k: int(v) for k, v in desired.items()}, int(rules_rev or 0),
                             None if table is None else json.loads(table),
-                            {k: json.loads(v) for k, v in rollouts.items()})
+                            {k: json.loads(v) for k, v in rollouts.items()}, epoch or "")
 
     def uris(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
         """Artifact URIs of registered versions (immutable once registered, so no snapshot needed)."""

@@ -9,6 +9,11 @@ OpenAI-compatible API at `stack.http_base_url`).
 With `auth: {mode: token}` the stack mints two tokens for its run — one with role admin, one
 with role inference — into a session tokens file beside the configured one, and forgets them
 when it stops.
+
+The Redis it starts keeps an append-only file (`appendonly yes`, `appendfsync everysec`) in a
+data dir that lives as long as the stack (with its artifact store). A watchdog thread checks the
+redis-server process every `REDIS_WATCHDOG_S`; if it died, it is started again on the same port
+and dir, replays its AOF, and the registry, routers and replicas reconnect to the same state.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import importlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +45,7 @@ METRICS_INTERVAL_MS = 2000  # how often Ray's processes report metrics to the no
 # The app builder, by import path as a RayService names it: ccoe_common sits below services/
 # and never imports it, so the stack resolves the builder only when it starts an app.
 APP_BUILDER = "services.app:build_app"
+REDIS_WATCHDOG_S = 0.2  # how often the stack checks that its redis-server still runs
 
 
 def import_attr(path: str) -> Callable[..., Any]:
@@ -66,6 +73,10 @@ class LocalStack:
         self.ray_token_auth = False
         self._artifacts: tempfile.TemporaryDirectory | None = None
         self._session: tempfile.TemporaryDirectory | None = None
+        self._redis_data: tempfile.TemporaryDirectory | None = None
+        self._watchdog: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.redis_restarts = 0  # times the watchdog found redis-server dead and started it again
         self.admin_token: str | None = None  # role admin, for this run only (None with auth mode none)
         self.inference_token: str | None = None  # role inference, for this run only
 
@@ -121,9 +132,13 @@ class LocalStack:
                         self.grpc_port, self.grpc_port)
         started = time.monotonic()
         if self.redis_url is None:
-            self.redis = RedisServer().start()
+            self._stopping.clear()
+            self._redis_data = tempfile.TemporaryDirectory(prefix="ccoe-redis-")
+            self.redis = RedisServer(data_dir=self._redis_data.name, persist=True).start()
             self.redis_url = self.redis.url
-            log.info("started redis-server at %s", self.redis_url)
+            self._watchdog = threading.Thread(target=self._watch_redis, name="ccoe-redis-watchdog", daemon=True)
+            self._watchdog.start()
+            log.info("started redis-server at %s (append-only file in %s)", self.redis_url, self._redis_data.name)
         if not ray.is_initialized():
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace=APP_NAME,
                      logging_level=logging.WARNING, log_to_driver=False,
@@ -148,6 +163,21 @@ class LocalStack:
                  self.http_base_url)
         return self
 
+    def _watch_redis(self) -> None:
+        """Start the stack's redis-server again, on the same port and data dir, if it died."""
+        while not self._stopping.wait(REDIS_WATCHDOG_S):
+            server = self.redis
+            if server is None or server.running:
+                continue
+            log.error("redis-server at %s exited (code %s); restarting it on the same port from its "
+                      "append-only file", server.url, server.proc.returncode if server.proc else None)
+            try:
+                server.restart()
+                self.redis_restarts += 1
+                log.warning("redis-server at %s is back (restart %d)", server.url, self.redis_restarts)
+            except Exception:  # the port may be held a moment longer: try again
+                log.exception("restarting redis-server at %s failed; retrying", server.url)
+
     def stop(self) -> None:
         import ray
         from ray import serve
@@ -163,9 +193,16 @@ class LocalStack:
                 serve.shutdown()
                 ray.shutdown()
         finally:
+            self._stopping.set()
+            if self._watchdog is not None:
+                self._watchdog.join()
+                self._watchdog = None
             if self.redis is not None:
                 self.redis.stop()
                 self.redis = None
+            if self._redis_data is not None:
+                self._redis_data.cleanup()
+                self._redis_data = None
             if self._artifacts is not None:
                 self._artifacts.cleanup()
                 self._artifacts = None

@@ -14,9 +14,12 @@ from ccoe_common.defaults import DTYPE_CHOICES
 from ccoe_common.engine.engine import Engine
 from ccoe_common.engine.params import GenerationRequest
 from ccoe_common.errors import CCoEError
+from ccoe_common.experts.artifact import read_manifest
 from ccoe_common.model import CCoEModel
+from ccoe_common.model.expert import LoadedExpert
 from ccoe_common.serving.config import AppConfig, ReplicaConfig
 from ccoe_common.serving.events import DeltaEvent, ErrorEvent, Event
+from ccoe_common.serving.validated import ValidatedExperts
 from ccoe_common.telemetry import tracing
 from ccoe_common.telemetry.metrics import Metrics
 
@@ -45,6 +48,7 @@ class ReplicaRuntime:
         for uri in config.experts if load_config_experts else ():
             log.info("loading expert %s", model.push(uri))
         self.engine = Engine(model, rc.engine).start()
+        self.validated = ValidatedExperts()
         self.metrics = Metrics()
         self.update_gauges()
 
@@ -86,6 +90,7 @@ class ReplicaRuntime:
                 self.update_gauges()
 
     def update_gauges(self) -> None:
+        self.validated.expire()  # an expert validated for a push that never rolled out is let go
         s = self.engine.stats()
         self.metrics.engine_state(s.running, s.waiting, s.kv_cache_bytes, s.resident)
 
@@ -96,10 +101,18 @@ class ReplicaRuntime:
         """Load and check an artifact against this backbone without serving it: None if it
         would load, else the reason (checksum, fingerprint, shapes, budget...)."""
         try:
-            self.engine.load(uri)
+            manifest = read_manifest(uri)
+            expert = self.engine.load(uri)
         except Exception as e:  # noqa: BLE001 - every refusal is reported by message
             return f"{type(e).__name__}: {e}"
+        self.validated.keep(expert, manifest.weights_sha256)
         return None
+
+    def load(self, uri: str) -> LoadedExpert:
+        """Read and check an artifact for the registry (not yet resident): the expert validated
+        moments ago for the same push if the stored manifest names it, else a full load."""
+        kept = self.validated.take(read_manifest(uri))
+        return kept if kept is not None else self.engine.load(uri)
 
     def stats(self) -> dict[str, Any]:
         s = self.engine.stats()

@@ -26,6 +26,7 @@ from ccoe_common.errors import CCoEError, ExpertNotFound
 from ccoe_common.experts.artifact import read_manifest
 from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.pb import inference_pb2 as pb
+from ccoe_common.registry.fail_static import FailStatic, View
 from ccoe_common.routing.resolve import Route, decide
 from ccoe_common.routing.rules import RuleTable, RuleTableError
 from ccoe_common.serving.admission import Admission
@@ -84,6 +85,7 @@ class RouterCore:
         self.replicas_lost = 0  # requests whose replica died under them, since start
         self.retried = 0  # of those, run again on another replica
         self.last_loss_at: float | None = None  # wall-clock time of the latest loss
+        self.fail_static = FailStatic("router", self.metrics)  # a registry view that went backwards is held back
 
     def stats(self) -> dict[str, float | int | None]:
         """Admission and failover counters of this router, e.g. {"in_flight": 3, "limit": 8, ...}."""
@@ -115,9 +117,14 @@ class RouterCore:
             log.error("rules file %s changed but was refused, keeping table v%d: %s",
                       self.config.rules, self.table.version, e)
 
-    def apply_desired(self, serving: dict[str, int], rules_rev: int, rules: dict | None) -> None:
+    def apply_desired(self, serving: dict[str, int], rules_rev: int, rules: dict | None, *,
+                      epoch: str = "", revision: int | None = None) -> bool:
         """Take the registry's view: serving versions, and its rule table once it has one
-        (it then replaces the configured table; a table the registry accepted is valid)."""
+        (it then replaces the configured table; a table the registry accepted is valid).
+        With a `revision`, a view that went backwards is held back (fail static): the router
+        keeps what it routes on and this returns False."""
+        if revision is not None and not self.fail_static.admit(View.of(epoch, revision, serving)):
+            return False
         self.serving = dict(serving)
         if rules is not None and rules_rev != self.registry_rules_rev:
             try:
@@ -127,6 +134,7 @@ class RouterCore:
                 log.error("registry rule table r%d refused, keeping v%d: %s", rules_rev, self.table.version, e)
         self._view_changed.set()
         self._view_changed = asyncio.Event()
+        return True
 
     def resolve(self, name: str, version: int | None) -> int | None:
         """The version a request for `name` runs on: the one asked for, else the serving one."""

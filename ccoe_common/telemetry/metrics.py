@@ -20,6 +20,9 @@ returns its text.
 | ccoe_expert_load_seconds | histogram | expert; read + validate + smoke test |
 | ccoe_rollouts_total | counter | expert (name), outcome (done, rolled_back); from the registry |
 | ccoe_rollout_seconds | histogram | expert; start of a rollout to the fleet-wide flip |
+| ccoe_registry_regressions_total | counter | component (router, replica); holds begun (fail static) |
+| ccoe_registry_holding | gauge | component; 1 while holding what it serves, 0 while following |
+| ccoe_registry_reinitialized_total | counter | ; empty stores found and re-registered |
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ _COUNTERS = {
     "ccoe_expert_loads_total": ("Expert versions a replica loaded for the registry, by outcome.",
                                 ("expert", "outcome")),
     "ccoe_rollouts_total": ("Finished rollouts by outcome.", ("expert", "outcome")),
+    "ccoe_registry_regressions_total": ("Times a follower began holding back a registry state that went "
+                                        "backwards (fail static).", ("component",)),
+    "ccoe_registry_reinitialized_total": ("Times the registry found its store empty and re-registered the "
+                                          "config's experts.", ()),
 }
 _HISTOGRAMS = {
     "ccoe_ttft_seconds": ("Time to first token, from the replica receiving the request.", ("expert",)),
@@ -52,6 +59,8 @@ _GAUGES = {
     "ccoe_resident_experts": ("Expert versions resident on this replica.", ()),
     "ccoe_kv_cache_bytes": ("Bytes of the preallocated KV cache.", ()),
     "ccoe_resident_expert_bytes": ("Parameter bytes of each resident expert version.", ("expert",)),
+    "ccoe_registry_holding": ("1 while a follower holds back a registry state that went backwards.",
+                              ("component",)),
 }
 
 
@@ -129,6 +138,15 @@ class Metrics:
         self._record("inc", "ccoe_rollouts_total", 1, expert=expert, outcome=outcome)
         if outcome == "done":
             self._record("observe", "ccoe_rollout_seconds", seconds, expert=expert)
+
+    def registry_regression(self, component: str) -> None:
+        self._record("inc", "ccoe_registry_regressions_total", 1, component=component)
+
+    def registry_holding(self, component: str, holding: bool) -> None:
+        self._record("set", "ccoe_registry_holding", 1 if holding else 0, component=component)
+
+    def registry_reinitialized(self) -> None:
+        self._record("inc", "ccoe_registry_reinitialized_total", 1)
 
     def render(self) -> str:
         """Prometheus text of the in-process registry (prometheus backend only)."""

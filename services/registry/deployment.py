@@ -26,6 +26,7 @@ from ccoe_common.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 VALIDATE_TIMEOUT_S = 120.0
+REDIS_WAIT_S = 300.0  # how long a starting registry waits for its Redis before Ray restarts it
 
 
 @serve.deployment(graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.1)
@@ -40,7 +41,7 @@ class Registry:
         tracing.setup_tracing(self.config.telemetry)
         self.service = RegistryService(RegistryStore(client), ArtifactStore.from_config(self.config.registry),
                                        self._validate, self.config.registry, Metrics())
-        seeded = await self.service.seed(self.config.experts)
+        seeded = await self.service.seed_when_reachable(self.config.experts, REDIS_WAIT_S)
         if seeded:
             log.info("registered config experts: %s", ", ".join(seeded))
         self._tasks = [asyncio.create_task(self.service.follow()), asyncio.create_task(self._control_loop())]
@@ -61,7 +62,7 @@ class Registry:
                 await self.service.tick()
             except Exception as e:  # noqa: BLE001 - Redis may be restarting; the next tick retries
                 log.warning("rollout controller tick failed: %s", e)
-            await asyncio.sleep(self.config.registry.controller_interval_s)
+            await self.service.wait_for_work(self.config.registry.controller_interval_s)
 
     async def PushExpert(self, request: pb.PushExpertRequest) -> pb.PushExpertResponse:
         return await self.service.push(request)

@@ -35,7 +35,8 @@ class ModelReplica:
         self.registry = serve.get_deployment_handle("Registry", app_name=context.app_name)
         self.follower = ReplicaFollower(self.runtime.engine, self.replica_id,
                                         lambda rid: watch_desired_state(self.registry, rid),
-                                        self.registry.ReportReplicaState.remote, cfg.registry, self.runtime.metrics)
+                                        self.registry.ReportReplicaState.remote, cfg.registry, self.runtime.metrics,
+                                        loader=self.runtime.load)
         await self.follower.sync_once(FIRST_SYNC_TIMEOUT_S)
         self._tasks = [asyncio.create_task(self.follower.run()), asyncio.create_task(self.follower.heartbeat())]
 
@@ -50,7 +51,7 @@ class ModelReplica:
         return await asyncio.to_thread(self.runtime.validate, uri)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.runtime.stats(), "replica_id": self.replica_id}
+        return {**self.runtime.stats(), "replica_id": self.replica_id, "registry": self.follower.fail_static.status()}
 
     def check_health(self) -> None:
         if not self.runtime.healthy():

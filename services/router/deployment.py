@@ -36,6 +36,7 @@ from services.handles import replica_stream, watch_desired_state
 
 log = logging.getLogger(__name__)
 FIRST_SYNC_TIMEOUT_S = 300.0
+CONTROL_PLANE_KEY = "ccoe-control-plane"  # health trailer: "following" or "holding: <why>"
 
 
 class HandleReplicaClient:
@@ -67,7 +68,8 @@ class Router:
 
     def _apply(self, msg: rpb.DesiredState) -> None:
         self.core.apply_desired(dict(msg.serving), msg.rules_revision,
-                                json.loads(msg.rules_json) if msg.rules_json else None)
+                                json.loads(msg.rules_json) if msg.rules_json else None,
+                                epoch=msg.epoch, revision=msg.revision)
 
     async def _refresh(self) -> None:
         self._apply(await self.registry.current_state.remote(""))
@@ -187,6 +189,8 @@ class Router:
         return self.core.stats()
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
+        if grpc_context is not None:  # fail static: still SERVING, and this says why it stopped following
+            grpc_context.set_trailing_metadata([(CONTROL_PLANE_KEY, self.core.fail_static.summary()[:1024])])
         return health_pb2.HealthCheckResponse(status=await self._status(request.service))
 
     async def Watch(self, request: health_pb2.HealthCheckRequest,

@@ -20,7 +20,7 @@ from ccoe_common.experts.artifact import read_artifact
 from ccoe_common.pb import registry_pb2 as pb
 from ccoe_common.registry.artifact_store import ArtifactStore
 from ccoe_common.registry.config import RegistryConfig
-from ccoe_common.registry.errors import ArtifactRefused
+from ccoe_common.registry.errors import ArtifactRefused, NoReplicaToValidate
 from ccoe_common.registry.redis_server import RedisServer
 from ccoe_common.registry.service import RegistryService
 from ccoe_common.registry.store import RegistryStore
@@ -123,6 +123,33 @@ def test_an_upload_whose_push_is_refused_leaves_the_store_but_a_registered_versi
     registry.refuse = "a replica refuses it now"
     registry.refused("push", push(stored.uri))
     assert read_artifact(stored.uri).manifest.name == "law"  # registered: kept
+
+
+@pytest.mark.parametrize("outcome", ["refused", "unavailable"])
+def test_a_push_that_fails_validation_leaves_no_copy_in_the_store(registry, tree, outcome):
+    """The store copy runs while a replica validates; whatever the validation's failure, the copy goes."""
+    if outcome == "refused":
+        registry.refuse = "wrong backbone"
+    else:
+        async def unavailable(uri: str) -> None:
+            read_artifact(uri)
+            raise NoReplicaToValidate(f"no model replica answered to validate {uri}")
+
+        registry.service.validate = unavailable
+    error = registry.refused("push", push(str(tree / "allowed/law")))
+    assert error.code == ("INVALID_ARGUMENT" if outcome == "refused" else "UNAVAILABLE")
+    assert registry.artifacts.used_bytes() == 0 and not Path(registry.artifacts.uri_for("law", 1)).exists()
+
+
+def test_an_upload_whose_validation_is_unavailable_stays_for_a_retry(registry, tree):
+    stored = registry.artifacts.put(str(tree / "elsewhere/law"), enforce_quota=False)  # what an upload leaves
+
+    async def unavailable(uri: str) -> None:
+        raise NoReplicaToValidate("no model replica answered")
+
+    registry.service.validate = unavailable
+    assert registry.refused("push", push(stored.uri)).code == "UNAVAILABLE"
+    assert read_artifact(stored.uri).manifest.name == "law"
 
 
 @pytest.fixture()

@@ -197,6 +197,8 @@ def test_redis_never_runs_or_is_reached_without_a_password(rendered: Rendered) -
         assert "requirepass" in container["command"][-1] and "$REDIS_PASSWORD" in container["command"][-1]
         conf = rendered.one("ConfigMap", f"{RELEASE}-ccoe-redis-config")["data"]["redis.conf"]
         assert "include /run/redis/auth.conf" in conf and "appendonly yes" in conf
+        # Durable registry state (docs/registry.md#durability): fsync at least every second.
+        assert f"appendfsync {redis.get('appendfsync', 'everysec')}\n" in conf
     else:
         assert rendered.kinds("StatefulSet") == []
         external = redis["external"]

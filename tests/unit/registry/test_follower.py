@@ -104,3 +104,44 @@ def test_a_version_failing_its_smoke_test_is_never_reported_and_is_freed(model, 
         while bad in engine.model.resident() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert bad not in engine.model.resident(), f"{bad} still resident after its smoke test failed"
+
+
+def test_a_replica_holding_fail_static_frees_nothing_and_still_loads(model, tmp_path):
+    v2, v3 = ExpertKey("math", 2), ExpertKey("math", 3)
+    uris = {v2: artifact(model, tmp_path, 2), v3: artifact(model, tmp_path, 3)}
+    reports: list[pb.ReplicaState] = []
+
+    async def report(state: pb.ReplicaState) -> None:
+        reports.append(state)
+
+    async def watch(replica_id: str):  # never consulted by apply()
+        raise AssertionError("apply() must not watch")
+        yield
+
+    def state(epoch: str, revision: int, serving: dict[str, int], *load: ExpertKey) -> pb.DesiredState:
+        return pb.DesiredState(epoch=epoch, revision=revision, serving=serving, load=[
+            pb.DesiredVersion(name=k.name, version=k.version, uri=uris[k]) for k in load])
+
+    async def run(follower: ReplicaFollower) -> None:
+        await follower.apply(state("e1", 7, {"math": 2}, v2))
+        assert follower.held() == {v2} and not follower.fail_static.holding
+        # Redis restarted empty: nothing wanted any more; with no grace, math@2 would go now.
+        await follower.apply(state("", 0, {}))
+        assert follower.fail_static.holding and "store is empty" in follower.fail_static.reason
+        follower._retire_unwanted()  # what the heartbeat does between messages
+        assert follower.held() == {v2}
+        # Re-initialised, re-registering math@3: it is loaded beside math@2, which stays.
+        await follower.apply(state("e2", 2, {}, v3))
+        assert follower.held() == {v2, v3} and follower.fail_static.holding
+        assert reports[-1].seen_revision == 7  # still reports the view it follows
+        # Consistent again: math@3 serves, math@2 is no longer wanted and drains away.
+        await follower.apply(state("e2", 3, {"math": 3}, v3))
+        assert not follower.fail_static.holding and reports[-1].seen_revision == 3
+
+    with Engine(model, EngineConfig(max_seq_len=64, max_running=2)) as engine:
+        follower = ReplicaFollower(engine, "r1", watch, report, RegistryConfig(smoke_tokens=1, retire_grace_s=0))
+        asyncio.run(run(follower))
+        deadline = time.monotonic() + 10
+        while v2 in engine.model.resident() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(engine.model.resident()) == {v3}
