@@ -140,12 +140,7 @@ class LocalStack:
             self._watchdog.start()
             log.info("started redis-server at %s (append-only file in %s)", self.redis_url, self._redis_data.name)
         if not ray.is_initialized():
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace=APP_NAME,
-                     logging_level=logging.WARNING, log_to_driver=False,
-                     _metrics_export_port=self.metrics_port,
-                     # Ray nices its worker processes to 15; here they are the job (replicas,
-                     # proxy, router), so they must not lose the cores to Ray's own daemons.
-                     _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS, "worker_niceness": 0})
+            self._start_ray()
         serve.start(
             http_options={"host": "127.0.0.1", "port": self.http_port},
             grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
@@ -177,6 +172,27 @@ class LocalStack:
                 log.warning("redis-server at %s is back (restart %d)", server.url, self.redis_restarts)
             except Exception:  # the port may be held a moment longer: try again
                 log.exception("restarting redis-server at %s failed; retrying", server.url)
+
+    def _start_ray(self, attempts: int = 3) -> None:
+        import ray
+
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False, namespace=APP_NAME,
+                         logging_level=logging.WARNING, log_to_driver=False,
+                         _metrics_export_port=self.metrics_port,
+                         # Ray nices its worker processes to 15; here they are the job (replicas,
+                         # proxy, router), so they must not lose the cores to Ray's own daemons.
+                         _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS, "worker_niceness": 0})
+                return
+            except Exception as e:  # Ray raises a bare Exception for this one case
+                # Ray gives its raylet a fixed 30 s to register; on a saturated host that can pass
+                # while nothing is wrong, and a fresh start usually succeeds.
+                if "timed out during startup" not in str(e) or attempt == attempts:
+                    raise
+                log.warning("Ray's node did not start within its 30 s (attempt %d of %d); starting it again",
+                            attempt, attempts)
+                ray.shutdown()
 
     def stop(self) -> None:
         import ray

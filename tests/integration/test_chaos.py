@@ -82,7 +82,8 @@ def chaos(tmp_path_factory):
         "registry": {"artifact_store": str(work / "store"), "heartbeat_ttl_s": 2.0, "allowed_sources": [str(work)]},
     })
     try:
-        with LocalStack(config, grpc_port=free_port()) as stack, stack.registry_client(timeout_s=120) as registry:
+        with (LocalStack(config, grpc_port=free_port(), http_port=free_port()) as stack,
+              stack.registry_client(timeout_s=120) as registry):
             yield Chaos(stack, registry, redis, work)
     finally:
         redis.stop()

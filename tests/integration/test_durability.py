@@ -52,7 +52,7 @@ def stack(work):
         "auth": {"mode": "token"},
         "registry": {"heartbeat_ttl_s": 2.0, "allowed_sources": [str(work)]},
     })  # no redis_url: the stack runs its own Redis, as `ccoe serve` does
-    with LocalStack(config, grpc_port=free_port()) as st:
+    with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as st:
         yield st
 
 

@@ -41,7 +41,7 @@ def stack(tmp_path_factory):
                                                          "max_waiting": WAITING, "max_batched_tokens": 64}},
     })
     assert config.admission_bound == BOUND
-    with LocalStack(config, grpc_port=free_port()) as st:
+    with LocalStack(config, grpc_port=free_port(), http_port=free_port()) as st:
         yield st
 
 
