@@ -16,7 +16,7 @@ Two starts, as in the paper:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,13 +102,15 @@ def train_expert(
     quiet: bool = False,
     save_dtype: torch.dtype | None = None,
     on_step=None,
+    score: Callable[[], float] | None = None,
 ) -> ExpertRun:
     """Train `expert` on `train_data` with the backbone frozen and write it to `out_uri`.
 
     version: the version written (default: the carved expert's version, or the artifact's
     version + 1 when `continued_from`, the artifact URI it was loaded from, is given). The
     manifest's `training` field records the data hash, steps, losses and hyper-parameters, so
-    a version can be traced to what made it.
+    a version can be traced to what made it. score: see `fit` (the weights kept are those of
+    the best score; the zoo passes exact-match accuracy on held-out problems).
     """
     tok = model.tokenizer
     if tok is None:
@@ -132,7 +134,7 @@ def train_expert(
     try:
         result = fit(target, train_ex, config, pad_id=pad_id, eval_examples=eval_ex, run_dir=run_dir,
                      resume=resume, identity=identity, label=f"train {expert.name}@{new_version}", quiet=quiet,
-                     on_step=on_step)
+                     on_step=on_step, score=score)
     finally:
         for p in expert.parameters():
             p.requires_grad_(False)

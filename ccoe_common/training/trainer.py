@@ -152,6 +152,8 @@ class TrainResult:
     stopped_early: bool
     resumed_from: int | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float | None = None  # the `score` of the kept weights, when the run had one
+    final_score: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
@@ -172,8 +174,10 @@ def sample_index(seed: int, g: int, n: int, _cache: dict = {}) -> int:  # noqa: 
 
 
 def _loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    # Position t predicts token t+1; only response tokens carry labels.
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+    # Position t predicts token t+1; only response tokens carry labels. At least fp32 (bf16
+    # logits are upcast), never less than the model computes in (fp64 stays fp64).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                            labels[:, 1:].reshape(-1).to(logits.device),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -197,6 +201,27 @@ def eval_loss(target: Target, examples: Sequence[Example], pad_id: int, batch_si
             total += float(_loss_sum(target.logits(ids, lens), labels))
         count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     return total / max(count, 1)
+
+
+Batch = tuple[Tensor, Tensor, Tensor]  # (input_ids, labels, lens) as `collate` makes them
+
+
+def accumulate_gradients(target: Target, micro: Sequence[Batch], precision: str = "auto") -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step, adding into `.grad`; returns the
+    step's mean loss per response token and the tokens it read.
+
+    The loss is normalised by the response tokens of the whole step, not of each micro-batch,
+    so accumulating 4 + 4 examples gives the gradient of one batch of 8.
+    """
+    step_targets = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _ in micro)
+    step_loss, tokens = 0.0, 0
+    for ids, labels, lens in micro:
+        with _autocast(target, precision):
+            loss = _loss_sum(target.logits(ids, lens), labels) / max(step_targets, 1)
+        loss.backward()
+        step_loss += float(loss.detach())
+        tokens += int(lens.sum())
+    return step_loss, tokens
 
 
 class _ProgressLine:
@@ -241,6 +266,7 @@ def fit(
     label: str = "train",
     quiet: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    score: Callable[[], float] | None = None,
 ) -> TrainResult:
     """Train `target` on `train` for config.steps optimizer steps.
 
@@ -248,6 +274,11 @@ def fit(
     continued from its step (refused if `identity` — e.g. the data hash and expert name —
     differs from the one it was written with). on_step(step, metrics) runs after every step
     (tests use it to interrupt a run).
+
+    score: a quality to maximise, measured at every eval next to the eval loss (the zoo passes
+    greedy exact-match accuracy on its eval problems). With it, the best weights are those of
+    the highest score, the lower eval loss breaking ties: a lower loss does not always mean
+    more right answers.
     """
     if not train:
         raise ValueError("no training examples")
@@ -266,6 +297,7 @@ def fit(
     identity = dict(identity or {})
 
     start_step, best_eval, best_step, bad_evals, tokens = 0, math.inf, None, 0, 0
+    best_score = -math.inf
     best_params: list[Tensor] | None = None
     resumed_from = None
     if resume and run_path is not None and (run_path / CHECKPOINT_FILE).exists():
@@ -283,6 +315,7 @@ def fit(
         opt.load_state_dict(ck["optimizer"])
         start_step, best_eval, best_step = ck["step"], ck["best_eval"], ck["best_step"]
         bad_evals, tokens, best_params = ck["bad_evals"], ck["tokens"], ck["best_params"]
+        best_score = ck.get("best_score", -math.inf)
         resumed_from = start_step
         log.info("resuming %s from step %d", label, start_step)
 
@@ -292,6 +325,7 @@ def fit(
         _save_checkpoint(run_path, {
             "step": step, "params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
             "best_eval": best_eval, "best_step": best_step, "bad_evals": bad_evals, "tokens": tokens,
+            "best_score": best_score,
             "best_params": best_params, "identity": identity, "config": config.model_dump(mode="json"),
         })
 
@@ -311,6 +345,7 @@ def fit(
     window_loss, window_tokens, window_count, window_start = 0.0, 0, 0, time.monotonic()
     last_train_loss: float | None = None
     last_eval: float | None = None
+    last_score: float | None = None
     stopped_early = False
     step = completed = start_step
     try:
@@ -324,16 +359,9 @@ def fit(
                 g0 = (step * config.grad_accum + k) * config.batch_size
                 picked = [train[sample_index(config.seed, g, n)] for g in range(g0, g0 + config.batch_size)]
                 micro.append(collate(picked, pad_id))
-            # Normalise by the response tokens of the whole step, so accumulation equals one big batch.
-            step_targets = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels, _ in micro)
-            step_loss = 0.0
-            for ids, labels, lens in micro:
-                with _autocast(target, config.precision):
-                    loss = _loss_sum(target.logits(ids, lens), labels) / max(step_targets, 1)
-                loss.backward()
-                step_loss += float(loss.detach())
-                tokens += int(lens.sum())
-                window_tokens += int(lens.sum())
+            step_loss, step_tokens = accumulate_gradients(target, micro, config.precision)
+            tokens += step_tokens
+            window_tokens += step_tokens
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             opt.step()
@@ -345,13 +373,22 @@ def fit(
             row: dict[str, Any] | None = None
             if eval_examples and (done % config.eval_every == 0 or done == config.steps):
                 last_eval = eval_loss(target, eval_examples, pad_id, config.eval_batch_size, config.precision)
-                if last_eval < best_eval - config.early_stop_min_delta:
+                if score is None:
+                    improved = last_eval < best_eval - config.early_stop_min_delta
+                else:
+                    last_score = score()
+                    improved = last_score > best_score or (
+                        last_score == best_score and last_eval < best_eval - config.early_stop_min_delta)
+                if improved:
                     best_eval, best_step, bad_evals = last_eval, done, 0
+                    best_score = -math.inf if last_score is None else last_score
                     if config.restore_best:
                         best_params = [p.detach().clone() for p in params]
                 else:
                     bad_evals += 1
                 row = {"step": done, "eval_loss": last_eval}
+                if last_score is not None:
+                    row["eval_score"] = last_score
                 if config.early_stop_patience and bad_evals >= config.early_stop_patience:
                     stopped_early = True
             if done % config.log_every == 0 or done == config.steps or stopped_early or row is not None:
@@ -391,4 +428,5 @@ def fit(
         steps=step, tokens=tokens, seconds=time.monotonic() - t0, final_train_loss=last_train_loss,
         final_eval_loss=last_eval, best_eval_loss=None if best_step is None else best_eval, best_step=best_step,
         stopped_early=stopped_early, resumed_from=resumed_from, history=history,
+        best_score=None if score is None or best_step is None else best_score, final_score=last_score,
     )

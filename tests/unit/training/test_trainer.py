@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ccoe_common.model import CCoEModel, Placement
-from ccoe_common.training.data import read_records, tokenize_all
+from ccoe_common.training.data import IGNORE_INDEX, collate, read_records, tokenize_all
 from ccoe_common.training.expert_run import start_expert, train_expert
-from ccoe_common.training.trainer import ExpertTarget, FullTarget, TrainConfig, eval_loss, fit
+from ccoe_common.training.trainer import ExpertTarget, FullTarget, TrainConfig, accumulate_gradients, eval_loss, fit
 
 TINY = {"batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "eval_every": 2, "log_every": 1, "max_seq_len": 128}
 
@@ -116,15 +116,32 @@ def test_resume_refuses_another_runs_checkpoint(model, records_file, tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch(qwen2_dir, records_file):
-    results = []
-    for bs, accum in ((8, 1), (4, 2)):
-        model = CCoEModel.from_pretrained(qwen2_dir)
-        expert = model.carve("add", placement=Placement.parse("GL:1"))
-        _, ex = _examples(model, records_file)
-        fit(ExpertTarget(model, expert), ex, TrainConfig(steps=2, batch_size=bs, grad_accum=accum, lr=3e-3,
-                                                          warmup_steps=1, max_seq_len=128), pad_id=0, quiet=True)
-        results.append(torch.cat([p.flatten() for p in expert.parameters()]))
-    assert torch.allclose(results[0], results[1], atol=1e-6)
+    # float64, so the two summation orders (one batch of 8 padded to its longest example vs two
+    # of 4 padded to theirs, then added) agree to ~1e-16 of the terms summed on any CPU kernel;
+    # the normalisation bug this guards against (dividing by each micro-batch's own response
+    # tokens) is off by a factor of about 2.
+    model = CCoEModel.from_pretrained(qwen2_dir, dtype=torch.float64)
+    target = ExpertTarget(model, model.carve("add", placement=Placement.parse("GL:1")))
+    _, ex = _examples(model, records_file)
+    batch = ex[:8]
+
+    def gradient(micro_batches):
+        for p in target.parameters():
+            p.grad = None
+        accumulate_gradients(target, [collate(m, 0) for m in micro_batches], "fp32")
+        return torch.cat([p.grad.flatten() for p in target.parameters()])
+
+    one_batch, accumulated = gradient([batch]), gradient([batch[:4], batch[4:]])
+    # Each element is a sum over examples; |term| per example bounds what the rounding of a
+    # reordered sum can change: n float64 roundings per term, n = the longest reduction in the
+    # forward and backward (every response token of the step, times the widest layer).
+    responses = [sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in batch]
+    terms = sum(gradient([[e]]).abs() * n for e, n in zip(batch, responses, strict=True)) / sum(responses)
+    n = sum(len(e.input_ids) for e in batch) * max(model.config.hidden_size, model.config.intermediate_size)
+    tolerance = n * torch.finfo(torch.float64).eps * terms
+    assert (one_batch - accumulated).abs().le(tolerance).all()
+    # The bound is tight enough to see the bug: per-micro-batch normalisation doubles the gradient.
+    assert not (one_batch - 2 * accumulated).abs().le(tolerance).all()
 
 
 def test_early_stop_and_best_weights(model, records_file):
@@ -139,6 +156,25 @@ def test_early_stop_and_best_weights(model, records_file):
     assert result.final_eval_loss != result.best_eval_loss
     # The best (step 1) weights are restored.
     assert eval_loss(target, ex[30:], 0) == pytest.approx(result.best_eval_loss, abs=1e-6)
+
+
+def test_a_score_picks_the_weights_kept(model, records_file):
+    expert = model.carve("add", placement=Placement.parse("GL:1"))
+    _, ex = _examples(model, records_file)
+    target = ExpertTarget(model, expert)
+    scores, kept = iter([0.25, 0.75, 0.5, 0.75]), {}
+
+    def score():
+        kept[len(kept) + 1] = [p.detach().clone() for p in expert.parameters()]
+        return next(scores)
+
+    config = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=0, eval_every=1, max_seq_len=128)
+    result = fit(target, ex[:30], config, pad_id=0, eval_examples=ex[30:], quiet=True, score=score)
+    # The highest score wins whatever the eval loss says; a tie keeps the earlier unless its loss is beaten.
+    assert result.best_score == 0.75 and result.final_score == 0.75
+    assert result.best_step in (2, 4)
+    assert all(torch.equal(a, b) for a, b in zip(kept[result.best_step], expert.parameters(), strict=True))
+    assert [row["eval_score"] for row in result.history if "eval_score" in row] == [0.25, 0.75, 0.5, 0.75]
 
 
 def test_full_target_trains_every_parameter(model, records_file):
