@@ -1,7 +1,8 @@
 """With no expert selected, our decoder reproduces the transformers model's logits.
 
-Tolerance: fp32, max |diff| <= 1e-5 on logits of magnitude ~1-10 (in practice we see 0.0 or
-a few ulps; the same ops run in the same order).
+Tolerance: `tests.helpers.reorder_atol`, the worst-case rounding of the model's sums in fp32 (in
+practice we see 0.0 or a few ulps: the same ops, but kernels may block the sums differently
+for other shapes, and do so differently on other CPUs).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from transformers import AutoModelForCausalLM
 from ccoe_common.model import CCoEModel
 from ccoe_common.model.kv_cache import KVCache
 from tests.conftest import CHECKPOINT_VARIANTS
-
-ATOL = 1e-5
+from tests.helpers import reorder_atol
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_logits_match_transformers(loaded, variant):
         expected = hf(ids).logits
         got = ours.forward(ids, [None] * 3)
     assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() <= ATOL
+    assert (got - expected).abs().max().item() <= reorder_atol(expected, ours.config, 40)
 
 
 @pytest.mark.parametrize("variant", ["qwen2-gqa-bias", "llama-mha-bias-tied"])
@@ -49,7 +49,7 @@ def test_right_padded_rows_match_transformers(loaded, variant):
         expected = hf(ids, attention_mask=mask).logits
         got = ours.forward(ids, [None, None], query_lens=lens)
     for row, n in enumerate(lens.tolist()):
-        assert (got[row, :n] - expected[row, :n]).abs().max().item() <= ATOL
+        assert (got[row, :n] - expected[row, :n]).abs().max().item() <= reorder_atol(expected, ours.config, 20)
 
 
 def test_incremental_decoding_with_cache_matches_full_forward(loaded):
@@ -66,7 +66,7 @@ def test_incremental_decoding_with_cache_matches_full_forward(loaded):
             pos = torch.arange(start, stop).expand(2, -1)
             outs.append(ours.forward(ids[:, start:stop], [None, None], positions=pos, cache=cache, slots=slots))
     stepped = torch.cat(outs, dim=1)
-    assert (stepped - full).abs().max().item() <= ATOL
+    assert (stepped - full).abs().max().item() <= reorder_atol(full, ours.config, 24)
 
 
 @pytest.mark.parametrize("slots", [[2, 0, 3, 1], [5, 9, 1, 7]], ids=["shuffled-range", "scattered"])
@@ -90,7 +90,7 @@ def test_decode_rows_in_any_slot_order_match_full_forward(loaded, slots):
         batch = build_attention_batch(pos, torch.ones(4, dtype=torch.long), cos, sin, cache, slot_t)
         for r, n in enumerate(lens):
             full = ours.forward(ids[r:r + 1, :n], [None])[0, -1]
-            assert (stepped[r] - full).abs().max().item() <= ATOL
+            assert (stepped[r] - full).abs().max().item() <= reorder_atol(full, ours.config, n)
     assert (batch.kv_order is not None) == (sorted(slots) == list(range(min(slots), min(slots) + 4)))
 
 
@@ -122,7 +122,7 @@ def test_whole_prompts_from_zero_take_the_causal_kernel_with_the_masked_result(l
             backbone_module, "build_attention_batch",
             lambda *a, **kw: dataclasses.replace(b := real(*a, **kw), causal=False, mask=_causal_mask(b)))
         masked = ours.forward(ids, [None, None])
-    assert (causal - masked).abs().max().item() <= ATOL
+    assert (causal - masked).abs().max().item() <= reorder_atol(causal, ours.config, 12)
 
 
 def _causal_mask(batch) -> torch.Tensor:
