@@ -93,6 +93,9 @@ class _Bucket:
     device: Tensor  # [size] int64 on the model's device
     graph: torch.cuda.CUDAGraph | None = None
     logits: Tensor | None = None  # [Bb, V], written by every replay
+    # Recorded after each copy of `host` to the device (CUDA): the host buffer is written
+    # again only once that copy has run.
+    copied: torch.cuda.Event | None = None
 
 
 class StaticDecoder:
@@ -184,8 +187,8 @@ class StaticDecoder:
             return bucket
         offset = 3 * rows  # tokens, positions, slots
         layers: dict[int, tuple[int, int, int, int, int]] = {}
-        for i, stack in self._stacks.items():
-            n = len(stack.modules)
+        for i in sorted(self._stacks):
+            n = len(self._stacks[i].modules)
             layers[i] = (offset, offset + rows, offset + 2 * rows, offset + 3 * rows, n)
             offset += 3 * rows + n
         layout = _Layout(rows=rows, layers=layers, size=offset)
@@ -218,8 +221,16 @@ class StaticDecoder:
                 total += c
                 ends.append(total)
             values += [*perm, *inv, *(module[r] for r in perm), *ends]
-        bucket.host.copy_(torch.tensor(values, dtype=torch.long))
+        self._upload(bucket, torch.tensor(values, dtype=torch.long))
+
+    def _upload(self, bucket: _Bucket, values: Tensor) -> None:
+        if bucket.copied is not None:
+            bucket.copied.synchronize()  # the last copy out of the pinned buffer has run
+        bucket.host.copy_(values)
         bucket.device.copy_(bucket.host, non_blocking=True)
+        if bucket.device.is_cuda:
+            bucket.copied = torch.cuda.Event()
+            bucket.copied.record()
 
     # ---- the step itself (captured on CUDA) ------------------------------------------------
 
@@ -257,6 +268,8 @@ class StaticDecoder:
     def _capture(self, bucket: _Bucket) -> None:
         """Capture the bucket's step as a CUDA graph, on inputs that touch only the scratch slot."""
         lay = bucket.layout
+        if bucket.copied is not None:
+            bucket.copied.synchronize()
         real = bucket.host.clone()
         # Warm-up runs execute: with every row a padding row they write only the scratch slot.
         self._fill(bucket, [0] * lay.rows, [0] * lay.rows, [self.scratch_slot] * lay.rows, [None] * lay.rows)
@@ -269,12 +282,13 @@ class StaticDecoder:
                 self._run(bucket)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CUDA calls of other threads (a request's generator made in `submit`)
+        # do not break a capture running on the engine's thread.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             bucket.logits = self._run(bucket)
         bucket.graph = graph
         self.captures += 1
-        bucket.host.copy_(real)
-        bucket.device.copy_(bucket.host, non_blocking=True)
+        self._upload(bucket, real)
 
 
 def _own_storage(mlp: MLP) -> None:
