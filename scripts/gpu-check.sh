@@ -11,7 +11,8 @@
 #      graphs captured, greedy tokens of the static engine vs the eager one);
 #   4. `ccoe bench throughput` at Llama-2-7B's shape in bf16, random weights, in process
 #      (python -m ccoe_common.bench: the same benchmark without the service stack);
-#   5. `ccoe bench memory` at the same shape: n = 5 measured, n = 10 computed from its parts;
+#   5. `ccoe bench memory` at the same shape (the same checkpoint, written once): n = 5
+#      measured, n = 10 computed from its parts;
 #   6. prints a summary. Every result is a file in $OUT (at most 8 come back):
 #      env.json, tests.xml, throughput.json, memory.json, summary.json, gpu-check.log.
 #
@@ -62,6 +63,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE
   TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 status=0
 started=$SECONDS
+# One random-weight checkpoint for both benchmarks: throughput writes it, memory reuses it.
+SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/ccoe-gpu-check.XXXXXX")"
+trap 'rm -rf "$SCRATCH"' EXIT
 
 say() { echo "gpu-check [$((SECONDS - started))s]: $*" | tee -a "$LOG"; }
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record a failure without stopping
@@ -81,15 +85,16 @@ if [ "$MODE" = dry ]; then
   DEVICE=cpu
   TESTS=(-k "buckets or exclusive or stacking or masked")
   THROUGHPUT=(--device cpu --decode-path static --shape tiny --seq-rounds 1 --seq-prompt 6 --seq-new 2
-              --batch-rounds 1 --batch-requests 5 --batch-prompt 6 --batch-new 2 --hf-requests 1)
-  MEMORY=(--device cpu --shape tiny --ns 1 --computed-ns 2)
+              --batch-rounds 1 --batch-requests 5 --batch-prompt 6 --batch-new 2 --hf-requests 1
+              --checkpoint "$SCRATCH/backbone")
+  MEMORY=(--device cpu --shape tiny --ns 1 --computed-ns 2 --checkpoint "$SCRATCH/backbone")
   LIMITS=(300 300 300)
   say "dry run on the CPU: no install, toy shape"
 else
   DEVICE=cuda
   TESTS=()
-  THROUGHPUT=(--device cuda --shape 7b)
-  MEMORY=(--device cuda --shape 7b --ns 5 --computed-ns 10)
+  THROUGHPUT=(--device cuda --shape 7b --checkpoint "$SCRATCH/backbone")
+  MEMORY=(--device cuda --shape 7b --ns 5 --computed-ns 10 --checkpoint "$SCRATCH/backbone")
   LIMITS=(100 240 200)
   SITE="${TMPDIR:-/tmp}/ccoe-gpu-site"
   if compgen -G "$WHEELS/*.whl" >/dev/null; then

@@ -114,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ensemble does not fit one GPU)")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="where the systems are built; cuda measures torch.cuda.memory_allocated()")
+    parser.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                        help="keep the random-weight checkpoint in DIR and reuse it when DIR already holds one "
+                             "(default: a temporary directory); `ccoe bench throughput --checkpoint` takes the same")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_json_flag(parser)
 
@@ -350,15 +353,42 @@ def _write_experts(checkpoint: Path, out: Path, count: int, device: str = "cpu")
     return uris, expert, model
 
 
-def prepare(root: Path, shape: dict[str, Any], n_max: int, arch: Arch = "qwen2", device: str = "cpu") -> Prepared:
-    """Write the benchmark checkpoint, n_max expert artifacts and the warm-up files under root."""
+_CHECKPOINT_MARK = "ccoe-bench-checkpoint.json"
+
+
+def synthetic_checkpoint(path: Path, shape: dict[str, Any], arch: Arch, dtype_name: str, device: str = "cpu") -> Path:
+    """The benchmarks' random-weight checkpoint (seed 0, with a tokenizer) at `path`: written
+    there, or reused when `path` holds one that either benchmark wrote for the same shape,
+    architecture, dtype and device (which decide its weights)."""
     import torch
 
     from ccoe_common.model.synthetic import make_checkpoint
 
+    mark = {"shape": shape, "arch": arch, "dtype": dtype_name, "device": device}
+    marker = path / _CHECKPOINT_MARK
+    if marker.exists():
+        if json.loads(marker.read_text()) == json.loads(json.dumps(mark)):
+            return path
+        raise UserError(f"checkpoint directory {path} holds a benchmark checkpoint of another shape, dtype or "
+                        "device; give an empty or new directory")
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"checkpoint directory {path} is not empty and holds no benchmark checkpoint")
     with _quiet_transformers():
-        checkpoint = make_checkpoint(root / "backbone", arch, dtype=torch.bfloat16, with_tokenizer=False,
-                                     device=device, **shape)
+        make_checkpoint(path, arch, dtype=getattr(torch, dtype_name), device=device, **shape)
+    marker.write_text(json.dumps(mark))  # last: a run cut short leaves no marker, and is not reused
+    return path
+
+
+def prepare(root: Path, shape: dict[str, Any], n_max: int, arch: Arch = "qwen2", device: str = "cpu",
+            checkpoint_dir: Path | None = None) -> Prepared:
+    """Write the benchmark checkpoint (or reuse checkpoint_dir's), n_max expert artifacts and
+    the warm-up files under root."""
+    import torch
+
+    from ccoe_common.model.synthetic import make_checkpoint
+
+    checkpoint = synthetic_checkpoint(checkpoint_dir or root / "backbone", shape, arch, "bfloat16", device)
+    with _quiet_transformers():
         warmup = make_checkpoint(root / "warmup", "qwen2", seed=1, dtype=torch.bfloat16, with_tokenizer=False,
                                  **WARMUP_SHAPE)
     uris, expert, model = _write_experts(checkpoint, root / "experts", n_max, device)
@@ -426,13 +456,13 @@ def _check_fits(prep: Prepared, n_max: int, device: str = "cpu") -> None:
 
 
 def collect(shape_name: str, ns: Sequence[int], progress: Progress, device: str = "cpu",
-            computed_ns: Sequence[int] = ()) -> dict[str, Any]:
+            computed_ns: Sequence[int] = (), checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Run every cell and assemble the report (the object `--json` prints)."""
     started = time.monotonic()
     shape = SHAPES[shape_name]
     arch = SHAPE_ARCH.get(shape_name, "qwen2")
     with tempfile.TemporaryDirectory(prefix="ccoe-bench-memory-") as tmp:
-        prep = prepare(Path(tmp), shape, max(ns), arch, device)
+        prep = prepare(Path(tmp), shape, max(ns), arch, device, checkpoint_dir)
         progress.step(f"wrote {shape_name} checkpoint ({prep.parameter_count:,} parameters) "
                       f"and {max(ns)} expert artifacts")
         if device == "cuda":
@@ -540,7 +570,7 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise UserError("--device cuda: torch sees no CUDA device")
     progress = Progress(total=2 + 3 * len(ns), quiet=args.quiet)
-    report = collect(args.shape, ns, progress, args.device, args.computed_ns)
+    report = collect(args.shape, ns, progress, args.device, args.computed_ns, args.checkpoint)
     if args.json:
         print_json(report)
     else:

@@ -60,6 +60,7 @@ from ccoe_common.bench.memory import (
     _quiet_transformers,
     clone_backbone,
     lora_model,
+    synthetic_checkpoint,
 )
 from ccoe_common.bench.memory import SHAPES as MEMORY_SHAPES
 from ccoe_common.console import Progress, UserError, add_json_flag, format_table, human_bytes, positive_int, print_json
@@ -123,6 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.set_num_threads for every system (default: the CPU count)")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="where every system runs (cuda: the first GPU)")
+    parser.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                        help="keep the random-weight checkpoint in DIR and reuse it when DIR already holds one "
+                             "(default: a temporary directory); `ccoe bench memory --checkpoint` takes the same")
     parser.add_argument("--decode-path", choices=DECODE_PATHS, default="auto",
                         help="the engines' decode step: static (EngineConfig.static_decode) or eager; "
                              "auto = static on cuda, eager on cpu")
@@ -164,10 +168,13 @@ class Systems:
 def _perturb(params: Sequence[Any], seed: int) -> None:
     import torch
 
-    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same noise whatever the device
+    # Drawn where the weights are: a 7B expert's ~1e9 values take seconds on a GPU, a minute
+    # on the CPU (the noise differs by device; only its size matters).
+    device = params[0].device if params else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in params:
-            p.add_((torch.randn(p.shape, generator=gen, dtype=torch.float32) * NOISE_STD).to(p.device, p.dtype))
+            p.add_((torch.randn(p.shape, generator=gen, dtype=torch.float32, device=device) * NOISE_STD).to(p.dtype))
 
 
 def _unique_bytes(named: Sequence[tuple[str, Any]]) -> int:
@@ -529,19 +536,16 @@ def roofline(s: Systems, wl: Workload, vocab: int, device: str, progress: Progre
 
 
 def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progress: Progress,
-            device: str = "cpu", decode_path: str = "auto") -> dict[str, Any]:
+            device: str = "cpu", decode_path: str = "auto", checkpoint_dir: Path | None = None) -> dict[str, Any]:
     import torch
-
-    from ccoe_common.model.synthetic import make_checkpoint
 
     started = time.monotonic()
     torch.set_num_threads(threads)
     shape = SHAPES[shape_name]
     static = decode_path == "static" or (decode_path == "auto" and device == "cuda")
     with tempfile.TemporaryDirectory(prefix="ccoe-bench-throughput-") as tmp:
-        with _quiet_transformers():
-            checkpoint = make_checkpoint(Path(tmp) / "backbone", SHAPE_ARCH.get(shape_name, "qwen2"),
-                                         dtype=getattr(torch, dtype_name), device=device, **shape)
+        checkpoint = synthetic_checkpoint(checkpoint_dir or Path(tmp) / "backbone", shape,
+                                          SHAPE_ARCH.get(shape_name, "qwen2"), dtype_name, device)
         progress.step(f"wrote the {shape_name} checkpoint")
         systems = build_systems(checkpoint, dtype_name, wl, progress, device=device, static_decode=static)
     release_openmp_workers()  # the loads ran on this thread; see _hf_generate
@@ -633,7 +637,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--device cuda: torch sees no CUDA device")
     steps = 4 + 1 + wl.seq_rounds + 1 + wl.batch_rounds * len(BATCH_SYSTEMS) + (args.device == "cuda")
     progress = Progress(total=steps, quiet=args.quiet)
-    report = collect(shape, args.dtype, threads, wl, progress, device=args.device, decode_path=args.decode_path)
+    report = collect(shape, args.dtype, threads, wl, progress, device=args.device, decode_path=args.decode_path,
+                     checkpoint_dir=args.checkpoint)
     if args.json:
         print_json(report)
     else:
