@@ -232,26 +232,35 @@ def clone_backbone(model: Any) -> Any:
     return CCoEModel(backbone, model.info, model.tokenizer, model.budget_fraction)
 
 
+def _load(checkpoint: Path, device: str) -> Any:
+    """The CCoEModel of `checkpoint` in bf16, without its tokenizer: a cell measures weights."""
+    import torch
+
+    from ccoe_common.model import CCoEModel
+    from ccoe_common.model.checkpoint import load_backbone
+
+    backbone, info = load_backbone(checkpoint, dtype=torch.bfloat16, device=device)
+    return CCoEModel(backbone, info)
+
+
 def build_system(system: str, n: int, checkpoint: Path, expert_uris: Sequence[str],
                  device: str = "cpu") -> tuple[Any, int]:
     """Build `system` serving n domains; returns the object to keep alive and its tensor bytes."""
     import torch
 
-    from ccoe_common.model import CCoEModel
-
     dtype = torch.bfloat16
     if system == "backbone":
-        model = CCoEModel.from_pretrained(checkpoint, dtype=dtype, device=device)
+        model = _load(checkpoint, device)
         return model, model.memory_report().total_bytes
     if system == "ccoe":
         if len(expert_uris) < n:
             raise ValueError(f"ccoe n={n} needs {n} expert artifacts, got {len(expert_uris)}")
-        model = CCoEModel.from_pretrained(checkpoint, dtype=dtype, device=device)
+        model = _load(checkpoint, device)
         for uri in expert_uris[:n]:
             model.push(uri)
         return model, model.memory_report().total_bytes
     if system == "ensemble":
-        first = CCoEModel.from_pretrained(checkpoint, dtype=dtype, device=device)
+        first = _load(checkpoint, device)
         models = [first, *(clone_backbone(first) for _ in range(n - 1))]
         return models, sum(m.memory_report().total_bytes for m in models)
     if system == "lora":
