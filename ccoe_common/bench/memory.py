@@ -16,6 +16,12 @@ Parameter bytes summed from the tensors are reported next to the measurement as 
 
     ccoe bench memory                      # the ~159M-parameter shape, n = 1, 3, 5, 10
     ccoe bench memory --shape tiny --ns 1,2 --json
+    ccoe bench memory --device cuda --shape 7b --ns 5 --computed-ns 10 --json
+
+With `--device cuda` every system is built on the GPU and a cell's bytes are the growth of
+`torch.cuda.memory_allocated()` instead of VmRSS. `--computed-ns` adds rows computed from the
+measured parts of the largest measured n (backbone, per-expert, per-model and per-adapter
+bytes), for n whose ensemble would not fit on the device; they are marked `"computed": true`.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from ccoe_common.model.synthetic import Arch
 
 from ccoe_common.console import Progress, UserError, add_json_flag, format_table, human_bytes, positive_int, print_json
 
@@ -53,7 +62,15 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6,
              "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
              "max_position_embeddings": 512},
+    # Llama-2-7B's shape (6.74B parameters, 13.5 GB in bf16), the papers' 7B backbone; for a GPU:
+    # experts at the 15% budget are 7 MLP layers (14.0%).
+    "7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False,
+           "max_position_embeddings": 4096},
 }
+# The architecture each shape is saved as (default qwen2).
+SHAPE_ARCH: dict[str, Arch] = {"7b": "llama"}
+DEVICES = ("cpu", "cuda")
 # Built by every worker before its baseline so lazy imports and one-time initialisation of the
 # code path under test land in the baseline, not in the measured delta.
 WARMUP_SHAPE: dict[str, Any] = {"tie_word_embeddings": True}
@@ -92,6 +109,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backbone shape: 150m (~159M parameters, minutes) or tiny (a toy, seconds)")
     parser.add_argument("--ns", type=parse_ns, default=DEFAULT_NS, metavar="N,N,...",
                         help="numbers of domains to measure (default 1,3,5,10)")
+    parser.add_argument("--computed-ns", type=parse_ns, default=(), metavar="N,N,...",
+                        help="numbers of domains to compute from the measured parts instead (e.g. 10 at 7B, whose "
+                             "ensemble does not fit one GPU)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where the systems are built; cuda measures torch.cuda.memory_allocated()")
+    parser.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                        help="keep the random-weight checkpoint in DIR and reuse it when DIR already holds one "
+                             "(default: a temporary directory); `ccoe bench throughput --checkpoint` takes the same")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_json_flag(parser)
 
@@ -125,9 +150,15 @@ class Resident:
     file: int
 
 
-def read_resident() -> Resident:
-    """Collect garbage, return freed heap to the OS, then read VmRSS/RssAnon/RssFile."""
+def read_resident(device: str = "cpu") -> Resident:
+    """Collect garbage, return freed heap to the OS, then read VmRSS/RssAnon/RssFile; on
+    cuda, the bytes torch has allocated on the device (rss; anon and file are 0)."""
     gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        return Resident(torch.cuda.memory_allocated(), 0, 0)
     _malloc_trim()
     fields: dict[str, int] = {}
     try:
@@ -169,13 +200,15 @@ def _materialize(model: Any) -> None:
             p.data = p.data.clone()
 
 
-def lora_model(checkpoint: Path, dtype: Any, adapter_names: Sequence[str]) -> Any:
+def lora_model(checkpoint: Path, dtype: Any, adapter_names: Sequence[str], device: str = "cpu") -> Any:
     """The multi-LoRA baseline: a transformers model (weights materialised) with one peft
     adapter per name, rank LORA_RANK on LORA_TARGETS, adapters kept in the model's dtype."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+    # device_map only off the CPU: the CPU figures keep transformers' plain loading path.
+    placement = {} if device == "cpu" else {"device_map": device}
+    base = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype, **placement)
     _materialize(base)
     config = LoraConfig(r=LORA_RANK, target_modules=list(LORA_TARGETS), init_lora_weights=False)
     # autocast_adapter_dtype=False keeps adapters in bf16 like the backbone and the CCoE
@@ -186,34 +219,58 @@ def lora_model(checkpoint: Path, dtype: Any, adapter_names: Sequence[str]) -> An
     return model.eval()
 
 
-def build_system(system: str, n: int, checkpoint: Path, expert_uris: Sequence[str]) -> tuple[Any, int]:
-    """Build `system` serving n domains; returns the object to keep alive and its tensor bytes."""
+def clone_backbone(model: Any) -> Any:
+    """A CCoEModel with its own deep copy of `model`'s backbone (no experts): what loading the
+    checkpoint again gives, without reading and hashing it again."""
+    import copy
+
+    from ccoe_common.model import CCoEModel
+    from ccoe_common.model.backbone import Backbone
+    from ccoe_common.model.layers import stack_projections
+
+    backbone = cast("Backbone", stack_projections(copy.deepcopy(model.backbone)))  # a deep copy unstacks q/k/v
+    return CCoEModel(backbone, model.info, model.tokenizer, model.budget_fraction)
+
+
+def _load(checkpoint: Path, device: str) -> Any:
+    """The CCoEModel of `checkpoint` in bf16, without its tokenizer: a cell measures weights."""
     import torch
 
     from ccoe_common.model import CCoEModel
+    from ccoe_common.model.checkpoint import load_backbone
+
+    backbone, info = load_backbone(checkpoint, dtype=torch.bfloat16, device=device)
+    return CCoEModel(backbone, info)
+
+
+def build_system(system: str, n: int, checkpoint: Path, expert_uris: Sequence[str],
+                 device: str = "cpu") -> tuple[Any, int]:
+    """Build `system` serving n domains; returns the object to keep alive and its tensor bytes."""
+    import torch
 
     dtype = torch.bfloat16
     if system == "backbone":
-        model = CCoEModel.from_pretrained(checkpoint, dtype=dtype)
+        model = _load(checkpoint, device)
         return model, model.memory_report().total_bytes
     if system == "ccoe":
         if len(expert_uris) < n:
             raise ValueError(f"ccoe n={n} needs {n} expert artifacts, got {len(expert_uris)}")
-        model = CCoEModel.from_pretrained(checkpoint, dtype=dtype)
+        model = _load(checkpoint, device)
         for uri in expert_uris[:n]:
             model.push(uri)
         return model, model.memory_report().total_bytes
     if system == "ensemble":
-        models = [CCoEModel.from_pretrained(checkpoint, dtype=dtype) for _ in range(n)]
+        first = _load(checkpoint, device)
+        models = [first, *(clone_backbone(first) for _ in range(n - 1))]
         return models, sum(m.memory_report().total_bytes for m in models)
     if system == "lora":
-        model = lora_model(checkpoint, dtype, [f"a{i}" for i in range(n)])
+        model = lora_model(checkpoint, dtype, [f"a{i}" for i in range(n)], device=device)
         return model, _unique_param_bytes([model])
     raise ValueError(f"unknown system {system!r}; expected one of {SYSTEMS}")
 
 
 def measure(system: str, n: int, checkpoint: Path, expert_uris: Sequence[str],
-            warmup_checkpoint: Path, warmup_uris: Sequence[str]) -> dict[str, Any]:
+            warmup_checkpoint: Path, warmup_uris: Sequence[str], device: str = "cpu") -> dict[str, Any]:
     """The worker's job: warm up, baseline, build, measure; identical for every system."""
     import peft  # noqa: F401  every worker imports the same modules before its baseline
     import torch  # noqa: F401
@@ -221,11 +278,11 @@ def measure(system: str, n: int, checkpoint: Path, expert_uris: Sequence[str],
 
     import ccoe_common.model  # noqa: F401
 
-    warm, _ = build_system(system, min(n, WARMUP_N), warmup_checkpoint, warmup_uris)
+    warm, _ = build_system(system, min(n, WARMUP_N), warmup_checkpoint, warmup_uris, device)
     del warm
-    before = read_resident()
-    held, tensor_bytes = build_system(system, n, checkpoint, expert_uris)
-    after = read_resident()
+    before = read_resident(device)
+    held, tensor_bytes = build_system(system, n, checkpoint, expert_uris, device)
+    after = read_resident(device)
     del held
     return {
         "system": system,
@@ -247,9 +304,10 @@ def _worker_main(argv: Sequence[str]) -> int:
     p.add_argument("--warmup-checkpoint", type=Path, required=True)
     p.add_argument("--experts", default="", help="comma-separated expert artifact URIs")
     p.add_argument("--warmup-experts", default="")
+    p.add_argument("--device", choices=DEVICES, default="cpu")
     a = p.parse_args(argv)
     result = measure(a.system, a.n, a.checkpoint, [u for u in a.experts.split(",") if u],
-                     a.warmup_checkpoint, [u for u in a.warmup_experts.split(",") if u])
+                     a.warmup_checkpoint, [u for u in a.warmup_experts.split(",") if u], a.device)
     # Marked, so a library printing to stdout cannot be mistaken for the result.
     print(_RESULT_MARK + json.dumps(result), flush=True)
     return 0
@@ -286,14 +344,14 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _write_experts(checkpoint: Path, out: Path, count: int) -> tuple[list[str], Any, Any]:
+def _write_experts(checkpoint: Path, out: Path, count: int, device: str = "cpu") -> tuple[list[str], Any, Any]:
     """Carve `count` experts (default placement: as many GL-spread MLP layers as the budget
     allows) and write them as artifacts; returns their URIs, the last expert and the model."""
     import torch
 
     from ccoe_common.model import CCoEModel
 
-    model = CCoEModel.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    model = CCoEModel.from_pretrained(checkpoint, dtype=torch.bfloat16, device=device)
     uris: list[str] = []
     expert = None
     for i in range(count):
@@ -304,18 +362,45 @@ def _write_experts(checkpoint: Path, out: Path, count: int) -> tuple[list[str], 
     return uris, expert, model
 
 
-def prepare(root: Path, shape: dict[str, Any], n_max: int) -> Prepared:
-    """Write the benchmark checkpoint, n_max expert artifacts and the warm-up files under root."""
+_CHECKPOINT_MARK = "ccoe-bench-checkpoint.json"
+
+
+def synthetic_checkpoint(path: Path, shape: dict[str, Any], arch: Arch, dtype_name: str, device: str = "cpu") -> Path:
+    """The benchmarks' random-weight checkpoint (seed 0, with a tokenizer) at `path`: written
+    there, or reused when `path` holds one that either benchmark wrote for the same shape,
+    architecture, dtype and device (which decide its weights)."""
     import torch
 
     from ccoe_common.model.synthetic import make_checkpoint
 
+    mark = {"shape": shape, "arch": arch, "dtype": dtype_name, "device": device}
+    marker = path / _CHECKPOINT_MARK
+    if marker.exists():
+        if json.loads(marker.read_text()) == json.loads(json.dumps(mark)):
+            return path
+        raise UserError(f"checkpoint directory {path} holds a benchmark checkpoint of another shape, dtype or "
+                        "device; give an empty or new directory")
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"checkpoint directory {path} is not empty and holds no benchmark checkpoint")
     with _quiet_transformers():
-        checkpoint = make_checkpoint(root / "backbone", "qwen2", dtype=torch.bfloat16, with_tokenizer=False,
-                                     **shape)
+        make_checkpoint(path, arch, dtype=getattr(torch, dtype_name), device=device, **shape)
+    marker.write_text(json.dumps(mark))  # last: a run cut short leaves no marker, and is not reused
+    return path
+
+
+def prepare(root: Path, shape: dict[str, Any], n_max: int, arch: Arch = "qwen2", device: str = "cpu",
+            checkpoint_dir: Path | None = None) -> Prepared:
+    """Write the benchmark checkpoint (or reuse checkpoint_dir's), n_max expert artifacts and
+    the warm-up files under root."""
+    import torch
+
+    from ccoe_common.model.synthetic import make_checkpoint
+
+    checkpoint = synthetic_checkpoint(checkpoint_dir or root / "backbone", shape, arch, "bfloat16", device)
+    with _quiet_transformers():
         warmup = make_checkpoint(root / "warmup", "qwen2", seed=1, dtype=torch.bfloat16, with_tokenizer=False,
                                  **WARMUP_SHAPE)
-    uris, expert, model = _write_experts(checkpoint, root / "experts", n_max)
+    uris, expert, model = _write_experts(checkpoint, root / "experts", n_max, device)
     warmup_uris, _, _ = _write_experts(warmup, root / "warmup-experts", WARMUP_N)
     return Prepared(
         checkpoint=checkpoint, expert_uris=uris, warmup_checkpoint=warmup, warmup_uris=warmup_uris,
@@ -334,11 +419,11 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def run_worker(system: str, n: int, prep: Prepared) -> dict[str, Any]:
+def run_worker(system: str, n: int, prep: Prepared, device: str = "cpu") -> dict[str, Any]:
     """Measure one (system, n) cell in a fresh interpreter, so nothing leaks between cells."""
     cmd = [
         sys.executable, "-m", "ccoe_common.bench.memory",
-        "--system", system, "--n", str(n),
+        "--system", system, "--n", str(n), "--device", device,
         "--checkpoint", str(prep.checkpoint), "--warmup-checkpoint", str(prep.warmup_checkpoint),
         "--experts", ",".join(prep.expert_uris), "--warmup-experts", ",".join(prep.warmup_uris),
     ]
@@ -363,32 +448,45 @@ def _mem_available() -> int | None:
     return None
 
 
-def _check_fits(prep: Prepared, n_max: int) -> None:
+def _check_fits(prep: Prepared, n_max: int, device: str = "cpu") -> None:
     # The largest cell is the n_max ensemble; fail with numbers rather than an OOM kill.
-    need = int(n_max * prep.parameter_count * 2 * 1.25)  # bf16, plus load-time slack
-    available = _mem_available()
+    need = int(n_max * prep.parameter_count * 2 * 1.05 if device == "cuda" else
+               n_max * prep.parameter_count * 2 * 1.25)  # bf16, plus load-time slack
+    if device == "cuda":
+        import torch
+
+        available: int | None = torch.cuda.mem_get_info()[0]
+    else:
+        available = _mem_available()
     if available is not None and need > available:
         raise UserError(f"--ns up to {n_max} needs about {human_bytes(need)} for the ensemble, "
-                        f"only {human_bytes(available)} is available; use smaller --ns or --shape tiny")
+                        f"only {human_bytes(available)} is available on {device}; use smaller --ns (and "
+                        "--computed-ns for the rest) or --shape tiny")
 
 
-def collect(shape_name: str, ns: Sequence[int], progress: Progress) -> dict[str, Any]:
+def collect(shape_name: str, ns: Sequence[int], progress: Progress, device: str = "cpu",
+            computed_ns: Sequence[int] = (), checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Run every cell and assemble the report (the object `--json` prints)."""
     started = time.monotonic()
     shape = SHAPES[shape_name]
+    arch = SHAPE_ARCH.get(shape_name, "qwen2")
     with tempfile.TemporaryDirectory(prefix="ccoe-bench-memory-") as tmp:
-        prep = prepare(Path(tmp), shape, max(ns))
+        prep = prepare(Path(tmp), shape, max(ns), arch, device, checkpoint_dir)
         progress.step(f"wrote {shape_name} checkpoint ({prep.parameter_count:,} parameters) "
                       f"and {max(ns)} expert artifacts")
-        _check_fits(prep, max(ns))
-        backbone = run_worker("backbone", 1, prep)
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # the parent's loads: hand the memory back before the workers run
+        _check_fits(prep, max(ns), device)
+        backbone = run_worker("backbone", 1, prep, device)
         progress.step(f"backbone: {human_bytes(backbone['bytes'])}")
         fraction = prep.expert_parameter_count / prep.parameter_count
         rows: list[dict[str, Any]] = []
         for n in ns:
             cells: dict[str, dict[str, Any]] = {}
             for system in ("ccoe", "ensemble", "lora"):
-                cells[system] = run_worker(system, n, prep)
+                cells[system] = run_worker(system, n, prep, device)
                 progress.step(f"{system} n={n}: {human_bytes(cells[system]['bytes'])}")
             ens = cells["ensemble"]["bytes"]
             rows.append({
@@ -407,18 +505,48 @@ def collect(shape_name: str, ns: Sequence[int], progress: Progress) -> dict[str,
                 "tensor_bytes": {s: c["tensor_bytes"] for s, c in [("backbone", backbone), *cells.items()]},
                 "file_backed_bytes": {s: c["file_bytes"] for s, c in [("backbone", backbone), *cells.items()]},
             })
+    rows += [computed_row(n, rows[-1]) for n in computed_ns if n not in ns]
+    if device == "cuda":
+        import torch
+
+        device = f"cuda ({torch.cuda.get_device_name(0)})"
     return {
+        "device": device,
         "shape": {
-            "name": shape_name, "model_type": "qwen2", "dtype": "bfloat16", **shape,
+            "name": shape_name, "model_type": arch, "dtype": "bfloat16", **shape,
             "parameter_count": prep.parameter_count,
             "expert_kind": "ffn", "expert_layers": prep.expert_layers,
             "expert_parameter_count": prep.expert_parameter_count, "budget_params": prep.budget_params,
             "lora_rank": LORA_RANK, "lora_targets": list(LORA_TARGETS),
         },
-        "method": "VmRSS delta in a fresh process per cell, after gc.collect() + malloc_trim(0), "
-                  "baseline taken after imports and a warm-up build on a toy checkpoint",
+        "method": ("torch.cuda.memory_allocated() delta" if device != "cpu" else
+                   "VmRSS delta, after gc.collect() + malloc_trim(0),")
+                  + " in a fresh process per cell, baseline taken after imports and a warm-up build on a toy "
+                    "checkpoint",
         "rows": rows,
         "elapsed_s": round(time.monotonic() - started, 1),
+    }
+
+
+def computed_row(n: int, measured: dict[str, Any]) -> dict[str, Any]:
+    """A row for n domains computed from a measured row's parts: the backbone, one expert
+    ((ccoe - backbone) / n), one full model (ensemble / n) and one adapter ((lora's tensor
+    bytes - the backbone's) / n, added to the measured lora bytes)."""
+    m = measured["n"]
+    bb = measured["backbone_bytes"]
+    expert = (measured["ccoe_bytes"] - bb) / m
+    model = measured["ensemble_bytes"] / m
+    tensors = measured["tensor_bytes"]
+    adapter = (tensors["lora"] - tensors["backbone"]) / m
+    ccoe, ens = int(bb + n * expert), int(n * model)
+    lora = int(measured["lora_bytes"] + (n - m) * adapter)
+    return {
+        "n": n, "computed": True, "computed_from_n": m,
+        "ccoe_bytes": ccoe, "ensemble_bytes": ens, "lora_bytes": lora, "backbone_bytes": bb,
+        "expert_fraction": measured["expert_fraction"],
+        "ccoe_over_ensemble": ccoe / ens, "lora_over_ensemble": lora / ens,
+        "limit": (1 + measured["expert_fraction"] * n) / n,
+        "ensemble_over_n_backbones": ens / (n * bb),
     }
 
 
@@ -426,13 +554,15 @@ def render(report: dict[str, Any]) -> str:
     """The human-readable table."""
     s = report["shape"]
     f = report["rows"][0]["expert_fraction"] if report["rows"] else 0.0
-    head = (f"qwen2 '{s['name']}' backbone, {s['parameter_count'] / 1e6:.1f}M parameters, bf16; "
+    head = (f"{s['model_type']} '{s['name']}' backbone, {s['parameter_count'] / 1e6:.1f}M parameters, bf16, "
+            f"on {report.get('device', 'cpu')}; "
             f"experts: ffn at layers {s['expert_layers']} = {s['expert_parameter_count'] / 1e6:.2f}M "
             f"parameters each (f = {f:.1%} of the backbone, budget 15%); "
             f"LoRA: rank {s['lora_rank']} on {','.join(t.removesuffix('_proj') for t in s['lora_targets'])}")
     table = format_table(
         ["n", "backbone", "CCoE", "ensemble", "LoRA", "CCoE/ens", "LoRA/ens", "(1+f*n)/n", "ens/(n*bb)"],
-        [[r["n"], human_bytes(r["backbone_bytes"]), human_bytes(r["ccoe_bytes"]), human_bytes(r["ensemble_bytes"]),
+        [[f"{r['n']}{' (computed)' if r.get('computed') else ''}",
+          human_bytes(r["backbone_bytes"]), human_bytes(r["ccoe_bytes"]), human_bytes(r["ensemble_bytes"]),
           human_bytes(r["lora_bytes"]), f"{r['ccoe_over_ensemble']:.1%}", f"{r['lora_over_ensemble']:.1%}",
           f"{r['limit']:.1%}", f"{r['ensemble_over_n_backbones']:.3f}"] for r in report["rows"]],
     )
@@ -443,8 +573,13 @@ def render(report: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Handler of `ccoe bench memory`."""
     ns: tuple[int, ...] = args.ns
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: torch sees no CUDA device")
     progress = Progress(total=2 + 3 * len(ns), quiet=args.quiet)
-    report = collect(args.shape, ns, progress)
+    report = collect(args.shape, ns, progress, args.device, args.computed_ns, args.checkpoint)
     if args.json:
         print_json(report)
     else:

@@ -29,6 +29,12 @@ every round) and each system's rate is the median of its per-round rates.
     ccoe bench throughput --quick      # smaller workloads, < 5 minutes on 2 cores
     ccoe bench throughput --shape 0.5b # Qwen2-0.5B's shape: ~7 minutes, ~10 GB
     ccoe bench throughput --shape tiny --seq-rounds 1 --batch-requests 5 --json
+    ccoe bench throughput --device cuda --shape 7b --json   # a GPU: Llama-2-7B's shape, static decode path
+
+On `--device cuda` the engines take the static decode path (`EngineConfig.static_decode`:
+bucketed batch sizes, grouped expert MLPs, CUDA graphs) unless `--decode-path eager`, and the
+report adds `roofline`: batch-1 decode of the bare backbone against the card's copy bandwidth
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -46,7 +52,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccoe_common.bench.memory import LORA_RANK, LORA_TARGETS, _materialize, _quiet_transformers, lora_model
+from ccoe_common.bench.memory import (
+    LORA_RANK,
+    LORA_TARGETS,
+    SHAPE_ARCH,
+    _materialize,
+    _quiet_transformers,
+    clone_backbone,
+    lora_model,
+    synthetic_checkpoint,
+)
 from ccoe_common.bench.memory import SHAPES as MEMORY_SHAPES
 from ccoe_common.console import Progress, UserError, add_json_flag, format_table, human_bytes, positive_int, print_json
 from ccoe_common.engine.openmp import release_openmp_workers
@@ -65,8 +80,11 @@ SHAPES: dict[str, dict[str, Any]] = {
              "max_position_embeddings": 4096, "rope_theta": 1000000.0},
     "150m": MEMORY_SHAPES["150m"],
     "tiny": MEMORY_SHAPES["tiny"],
+    "7b": MEMORY_SHAPES["7b"],
 }
 DTYPES = ("bfloat16", "float32")
+DEVICES = ("cpu", "cuda")
+DECODE_PATHS = ("auto", "eager", "static")
 NOISE_STD = 1e-3  # per-expert perturbation, so the 5 experts are truly different tensors
 
 
@@ -104,6 +122,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype of every system (bfloat16: AMX matmuls are faster on this CPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for every system (default: the CPU count)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where every system runs (cuda: the first GPU)")
+    parser.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                        help="keep the random-weight checkpoint in DIR and reuse it when DIR already holds one "
+                             "(default: a temporary directory); `ccoe bench memory --checkpoint` takes the same")
+    parser.add_argument("--decode-path", choices=DECODE_PATHS, default="auto",
+                        help="the engines' decode step: static (EngineConfig.static_decode) or eager; "
+                             "auto = static on cuda, eager on cpu")
     for f in dataclasses.fields(Workload):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=positive_int, default=None, metavar="N",
                             help=f"override the workload's {f.name}")
@@ -142,10 +168,13 @@ class Systems:
 def _perturb(params: Sequence[Any], seed: int) -> None:
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn where the weights are: a 7B expert's ~1e9 values take seconds on a GPU, a minute
+    # on the CPU (the noise differs by device; only its size matters).
+    device = params[0].device if params else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in params:
-            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * NOISE_STD)
+            p.add_((torch.randn(p.shape, generator=gen, dtype=torch.float32, device=device) * NOISE_STD).to(p.dtype))
 
 
 def _unique_bytes(named: Sequence[tuple[str, Any]]) -> int:
@@ -158,7 +187,8 @@ def _unique_bytes(named: Sequence[tuple[str, Any]]) -> int:
     return total
 
 
-def build_systems(checkpoint: Path, dtype_name: str, wl: Workload, progress: Progress) -> Systems:
+def build_systems(checkpoint: Path, dtype_name: str, wl: Workload, progress: Progress, device: str = "cpu",
+                  static_decode: bool = False) -> Systems:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -173,9 +203,10 @@ def build_systems(checkpoint: Path, dtype_name: str, wl: Workload, progress: Pro
         # Whole prompts in one chunk; up to 16 prompts (or 2048 tokens) per prefill step.
         chunk = max(wl.batch_prompt, wl.seq_prompt)
         return EngineConfig(max_seq_len=max_seq_len, max_running=max_running, prefill_chunk=chunk,
-                            max_batched_tokens=max(max_running, min(2048, 16 * chunk) + max_running))
+                            max_batched_tokens=max(max_running, min(2048, 16 * chunk) + max_running),
+                            static_decode=static_decode)
 
-    model = CCoEModel.from_pretrained(checkpoint, dtype=dtype)
+    model = CCoEModel.from_pretrained(checkpoint, dtype=dtype, device=device)
     experts = []
     for d in range(NUM_DOMAINS):
         expert = model.carve(f"d{d}", domains=[f"domain{d}"])
@@ -185,10 +216,12 @@ def build_systems(checkpoint: Path, dtype_name: str, wl: Workload, progress: Pro
     progress.step(f"ccoe engine: backbone + {NUM_DOMAINS} experts at layers {list(model.get(experts[0]).layers)}")
 
     # The ensemble: model d is the backbone with expert d's weights written in, i.e. what a
-    # full fine-tune per domain would give, as a separate copy of every weight.
+    # full fine-tune per domain would give, as a separate copy of every weight (copied from
+    # the loaded backbone, not loaded again: the same tensors, in a second instead of a
+    # reload per model at 7B).
     ensemble = []
     for d in range(NUM_DOMAINS):
-        full = CCoEModel.from_pretrained(checkpoint, dtype=dtype)
+        full = clone_backbone(model)
         result = full.backbone.load_state_dict(
             {k: v.detach().clone() for k, v in model.get(experts[d]).state_dict().items()}, strict=False)
         if result.unexpected_keys:
@@ -198,8 +231,9 @@ def build_systems(checkpoint: Path, dtype_name: str, wl: Workload, progress: Pro
 
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers helper
-        peft = lora_model(checkpoint, dtype, [f"d{d}" for d in range(NUM_DOMAINS)])
-        hf = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+        peft = lora_model(checkpoint, dtype, [f"d{d}" for d in range(NUM_DOMAINS)], device=device)
+        placement = {} if device == "cpu" else {"device_map": device}
+        hf = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype, **placement)
         _materialize(hf)
     hf.eval()
     for m in (peft.get_base_model(), hf):
@@ -273,7 +307,7 @@ def _hf_generate(model: Any, prompts: Sequence[list[int]], new_tokens: int,
                  adapter_names: list[str] | None = None) -> int:
     import torch
 
-    ids = torch.tensor(list(prompts))  # equal-length prompts: no padding needed
+    ids = torch.tensor(list(prompts), device=model.device)  # equal-length prompts: no padding needed
     kwargs: dict[str, Any] = {} if adapter_names is None else {"adapter_names": adapter_names}
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -451,23 +485,74 @@ def ratios(seq: dict[str, float], bat: dict[str, float], bytes_b: dict[str, int]
             for n, v, t in rows]
 
 
-def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progress: Progress) -> dict[str, Any]:
+def copy_bandwidth(device: str, nbytes: int = 1 << 31) -> float:
+    """Bytes per second a device-to-device copy moves, counting bytes read plus bytes written
+    (the ceiling a decode step that streams its weights can reach): median of 10 copies."""
     import torch
 
-    from ccoe_common.model.synthetic import make_checkpoint
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()  # never zeros (METHOD.md)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 3:  # three warm-ups
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def roofline(s: Systems, wl: Workload, vocab: int, device: str, progress: Progress) -> dict[str, Any]:
+    """Batch-1 decode of the bare backbone on the ccoe engine against the memory-bandwidth
+    roofline: weight bytes a step reads / step time / measured copy bandwidth."""
+    import numpy as np
+
+    new = max(4 * wl.seq_new, 64)
+    prompt = _prompts(np.random.default_rng(3), 1, 1, vocab)[0]  # one prompt token: the time is decode
+    _engine_batch(s.ccoe, [prompt], [None], 8)
+    rates = []
+    for _ in range(3):
+        got, took = _timed(_engine_batch, s.ccoe, [prompt], [None], new)
+        rates.append(got / took)
+    bandwidth = copy_bandwidth(device)
+    rate = statistics.median(rates)
+    # A step reads every weight once except the embedding table (one row), unless it is tied
+    # to the LM head, which reads it whole.
+    bb = s.ccoe.model.backbone
+    emb = bb.embed_tokens.weight
+    step_bytes = s.facts["backbone_bytes"] - (0 if bb.lm_head.weight is emb else emb.numel() * emb.element_size())
+    progress.step(f"roofline: batch-1 decode {rate:.1f} tokens/s, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    return {
+        "decode_tokens_per_s": round(rate, 2), "round_tokens_per_s": [round(r, 2) for r in rates],
+        "new_tokens": new, "weight_bytes_per_step": step_bytes, "copy_bandwidth_bytes_per_s": bandwidth,
+        "roofline_tokens_per_s": round(bandwidth / step_bytes, 2),
+        "fraction_of_roofline": round(rate * step_bytes / bandwidth, 4), "target": 0.6,
+        "method": "one request, 1 prompt token, greedy; tokens/s over the whole request (3 runs, median); "
+                  "bandwidth = 2 x bytes / time of a 2 GiB device-to-device copy (median of 10)",
+    }
+
+
+def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progress: Progress,
+            device: str = "cpu", decode_path: str = "auto", checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    import torch
 
     started = time.monotonic()
     torch.set_num_threads(threads)
     shape = SHAPES[shape_name]
+    static = decode_path == "static" or (decode_path == "auto" and device == "cuda")
     with tempfile.TemporaryDirectory(prefix="ccoe-bench-throughput-") as tmp:
-        with _quiet_transformers():
-            checkpoint = make_checkpoint(Path(tmp) / "backbone", "qwen2", dtype=getattr(torch, dtype_name), **shape)
+        checkpoint = synthetic_checkpoint(checkpoint_dir or Path(tmp) / "backbone", shape,
+                                          SHAPE_ARCH.get(shape_name, "qwen2"), dtype_name, device)
         progress.step(f"wrote the {shape_name} checkpoint")
-        systems = build_systems(checkpoint, dtype_name, wl, progress)
+        systems = build_systems(checkpoint, dtype_name, wl, progress, device=device, static_decode=static)
     release_openmp_workers()  # the loads ran on this thread; see _hf_generate
     try:
         seq = run_sequential(systems, wl, shape["vocab_size"], progress)
         bat = run_batched(systems, wl, shape["vocab_size"], progress)
+        roof = roofline(systems, wl, shape["vocab_size"], device, progress) if device == "cuda" else None
     finally:
         systems.stop()
     facts = systems.facts
@@ -477,8 +562,10 @@ def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progre
     bat_rates = {n: v["tokens_per_s"] for n, v in bat.items()}
     return {
         "shape": shape_name,
+        "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(0)})",
+        "decode_path": "static" if static else "eager",
         "model": {
-            "model_type": "qwen2", **shape, "dtype": dtype_name, "threads": threads,
+            "model_type": SHAPE_ARCH.get(shape_name, "qwen2"), **shape, "dtype": dtype_name, "threads": threads,
             "parameter_count": facts["parameter_count"], "expert_kind": "ffn",
             "expert_layers": facts["expert_layers"], "expert_parameter_count": facts["expert_parameter_count"],
             "expert_fraction": facts["expert_parameter_count"] / facts["parameter_count"],
@@ -489,6 +576,7 @@ def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progre
         "sequential": [{"system": n, **seq[n], "weight_bytes_per_step": wbytes["sequential"][n]} for n in SEQ_SYSTEMS],
         "batched": [{"system": n, **bat[n], "weight_bytes_per_step": wbytes["batched"][n]} for n in BATCH_SYSTEMS],
         "ratios": ratios(seq_rates, bat_rates, wbytes["batched"]),
+        "roofline": roof,
         "method": "rounds interleaved with a rotating system order after a warm-up of every system; "
                   "tokens_per_s = median over rounds of generated tokens / wall seconds",
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -497,7 +585,8 @@ def collect(shape_name: str, dtype_name: str, threads: int, wl: Workload, progre
 
 def render(report: dict[str, Any]) -> str:
     m, wl = report["model"], report["workload"]
-    head = (f"qwen2 '{report['shape']}' backbone, {m['parameter_count'] / 1e6:.1f}M parameters, {m['dtype']}, "
+    head = (f"{m['model_type']} '{report['shape']}' backbone, {m['parameter_count'] / 1e6:.1f}M parameters, "
+            f"{m['dtype']}, on {report.get('device', 'cpu')}, {report.get('decode_path', 'eager')} decode path, "
             f"torch threads {m['threads']}; {NUM_DOMAINS} experts: ffn at layers {m['expert_layers']} "
             f"({m['expert_fraction']:.1%} of the backbone each); LoRA rank {m['lora_rank']} on all linear layers")
     seq = format_table(
@@ -515,6 +604,11 @@ def render(report: dict[str, Any]) -> str:
         [[r["name"], f"{r['value']:.3f}", "" if r["target"] is None else f">= {r['target']}",
           "" if r["passed"] is None else ("pass" if r["passed"] else "FAIL")] for r in report["ratios"]],
     )
+    roof = report.get("roofline")
+    roof_line = "" if not roof else (
+        f"\n\nbatch-1 decode (backbone): {roof['decode_tokens_per_s']:.1f} tokens/s x "
+        f"{human_bytes(roof['weight_bytes_per_step'])} per step = {roof['fraction_of_roofline']:.1%} of the "
+        f"copy bandwidth {roof['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s (target >= 60%)")
     return (
         f"{head}\n\n"
         f"A. one request at a time, cycling {NUM_DOMAINS} domains: {wl['seq_rounds']} rounds x {NUM_DOMAINS} "
@@ -523,7 +617,7 @@ def render(report: dict[str, Any]) -> str:
         f"{wl['batch_new']} new tokens, {wl['batch_rounds']} rounds; hf_sequential runs {wl['hf_requests']} of "
         f"the requests per round, one at a time; ensemble serves each domain's requests as one batch on its "
         f"own model, one model after another\n\n{bat}\n\n{checks}\n\n"
-        f"{report['method']}; {report['elapsed_s']:.0f}s"
+        f"{report['method']}; {report['elapsed_s']:.0f}s{roof_line}"
     )
 
 
@@ -536,9 +630,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be >= 1, got {threads}")
     if wl.hf_requests > wl.batch_requests:
         raise UserError(f"--hf-requests {wl.hf_requests} exceeds --batch-requests {wl.batch_requests}")
-    steps = 4 + 1 + wl.seq_rounds + 1 + wl.batch_rounds * len(BATCH_SYSTEMS)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: torch sees no CUDA device")
+    steps = 4 + 1 + wl.seq_rounds + 1 + wl.batch_rounds * len(BATCH_SYSTEMS) + (args.device == "cuda")
     progress = Progress(total=steps, quiet=args.quiet)
-    report = collect(shape, args.dtype, threads, wl, progress)
+    report = collect(shape, args.dtype, threads, wl, progress, device=args.device, decode_path=args.decode_path,
+                     checkpoint_dir=args.checkpoint)
     if args.json:
         print_json(report)
     else:

@@ -54,6 +54,7 @@ from ccoe_common.experts.reference import ExpertKey
 from ccoe_common.model.ccoe import CCoEModel
 from ccoe_common.model.expert import LoadedExpert
 from ccoe_common.model.kv_cache import KVCache
+from ccoe_common.model.static.decode import StaticDecoder
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,13 @@ class EngineConfig(BaseModel):
         False, description="Run the decoder layers through torch.compile (fused kernels; the first prefill and "
                            "decode steps compile once). Greedy tokens equal eager ones in fp32 (tested); in "
                            "bf16/fp16 fused kernels round differently, so low-margin tokens may differ.")
+    static_decode: bool = Field(
+        False, description="Run decode steps on the static path (model/static/decode.py): batch sizes padded to "
+                           "buckets, attention over whole KV slots under a device-built mask, the MLPs of rows on "
+                           "different ffn experts as one grouped GEMM per projection; on a CUDA device each "
+                           "bucket's step is captured once as a CUDA graph and replayed. The GPU serving path; "
+                           "on the CPU it runs eagerly and is slower than the default one-row and bucketed paths. "
+                           "Greedy tokens equal the eager path's (tested); prefill stays eager.")
     retain_freed_memory: bool = Field(
         True, description="Tune glibc's malloc (process-wide, at start) to keep freed activation memory for the "
                           "next step instead of mapping it anew every step (engine/malloc.py: a CPU prefill "
@@ -95,6 +103,8 @@ class EngineConfig(BaseModel):
                              f"max_seq_len={self.max_seq_len}")
         if self.max_batched_tokens < self.num_slots:
             raise ValueError(f"max_batched_tokens={self.max_batched_tokens} must be >= the {self.num_slots} KV slots")
+        if self.compile and self.static_decode:
+            raise ValueError("compile and static_decode are two ways of running the decode step; choose one")
         return self
 
 
@@ -132,9 +142,14 @@ class Engine:
             raise ValueError(f"backbone {model.info.path} has no tokenizer; the engine needs one to encode prompts")
         self.tokenizer = model.tokenizer
         device, dtype = model.backbone.device, model.backbone.dtype
-        self.cache = KVCache(model.config, self.config.num_slots, self.config.max_seq_len, dtype, device)
+        # The static decode path's padding rows write to one extra slot that no request owns.
+        extra = 1 if self.config.static_decode else 0
+        self.cache = KVCache(model.config, self.config.num_slots + extra, self.config.max_seq_len, dtype, device)
         if self.config.compile:
             model.backbone.compile_layers()
+        self.static: StaticDecoder | None = None
+        if self.config.static_decode:
+            self.static = StaticDecoder(model, self.cache, self.config.num_slots)
         self.scheduler = Scheduler(self.config.num_slots, self.config.max_batched_tokens,
                                    self.config.prefill_chunk, self.config.max_waiting, self.config.retry_after_s)
         eos = set(model.config.eos_token_ids)
@@ -458,10 +473,15 @@ class Engine:
         device = self.model.backbone.device
         rows: list[Sequence] = []
         logits = []
-        if decode:
+        experts = [s.expert for s in decode]
+        if decode and self.static is not None and self.static.accepts(experts):
+            rows.extend(decode)
+            logits.append(self.static.decode([s.output_ids[-1] for s in decode], [s.computed for s in decode],
+                                             [_slot(s) for s in decode], experts))
+        elif decode:
             ids = torch.tensor([[s.output_ids[-1]] for s in decode], device=device)
             positions = torch.tensor([[s.computed] for s in decode], device=device)
-            out = self.model.forward(ids, [s.expert for s in decode], positions=positions, cache=self.cache,
+            out = self.model.forward(ids, experts, positions=positions, cache=self.cache,
                                      slots=torch.tensor([s.slot for s in decode], device=device),
                                      logits_at=torch.zeros(len(decode), dtype=torch.long, device=device))
             rows.extend(decode)
@@ -626,6 +646,11 @@ class Engine:
             seq.state.sink(error)
         except Exception:
             log.exception("the sink of request %s raised while it was told %s", seq.request_id, type(error).__name__)
+
+
+def _slot(seq: Sequence) -> int:
+    assert seq.slot is not None, "a decoding sequence holds a slot"
+    return seq.slot
 
 
 def _collect(request_id: str, deltas: list[TokenDelta]) -> GenerationResult:

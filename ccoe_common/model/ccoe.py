@@ -65,6 +65,9 @@ class CCoEModel:
         self.budget_fraction = budget_fraction
         self._experts: dict[ExpertKey, LoadedExpert] = {}
         self._lock = threading.RLock()
+        # Bumped by every push and pop: layouts built from the resident set (the static
+        # decode path's stacked MLPs, its CUDA graphs) compare it to know they are stale.
+        self.generation = 0
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu",
@@ -105,6 +108,7 @@ class CCoEModel:
                 raise ExpertVersionExists(f"expert {expert.key} is already resident; push version "
                                           f"{self.latest_version(expert.name) + 1} or pop it first")
             self._experts[expert.key] = expert
+            self.generation += 1
         return expert.key
 
     def pop(self, name: str, version: int | None = None, *, export_to: str | None = None) -> list[ExpertKey]:
@@ -121,6 +125,7 @@ class CCoEModel:
             keys = [k for k in keys if k in self._experts]
             for key in keys:
                 del self._experts[key]
+            self.generation += 1
         # Reference counting frees the expert here (tests/unit/model/test_pop_frees_without_gc.py).
         # No gc.collect(): a full collection of a serving process (~400k objects) holds the GIL
         # for 0.2 s idle and seconds on a busy host, stalling every request in the engine.
@@ -172,6 +177,15 @@ class CCoEModel:
                 f"expert {name!r} has no resident version {version}; resident versions: {[k.version for k in versions]}"
             )
         return key
+
+    def loaded(self, keys: Sequence[ExpertKey | None]) -> list[LoadedExpert | None]:
+        """The resident expert of each key (None stays None); ExpertNotFound for one not resident."""
+        return self._loaded(keys)
+
+    def resident_experts(self) -> list[LoadedExpert]:
+        """Every resident expert version, sorted by key."""
+        with self._lock:
+            return [self._experts[k] for k in sorted(self._experts)]
 
     def _loaded(self, keys: Sequence[ExpertKey | None]) -> list[LoadedExpert | None]:
         with self._lock:
