@@ -12,7 +12,7 @@ the rollout runs, each fault of FAULTS is injected in turn. Counted over every r
 and the registry afterwards holds what it held before plus the version pushed (nothing lost).
 
 A fault is a function of the running `Chaos` that injects it and says what it did; add one to
-FAULTS to run it in the same rollout (a Redis restart is one more entry).
+FAULTS to run it in the same rollout.
 """
 
 from __future__ import annotations
@@ -63,7 +63,20 @@ def kill_a_replica(chaos: Chaos) -> str:
     return f"killed {names[0]}"
 
 
+def kill_and_restart_redis(chaos: Chaos) -> str:
+    """SIGKILL to redis-server (no shutdown, no final fsync), down for a second, then started
+    again on the same port from the same append-only file, as a crashed and rescheduled pod is."""
+    proc = chaos.redis.proc
+    assert proc is not None and proc.poll() is None, "redis-server is not running"
+    proc.kill()
+    proc.wait()
+    time.sleep(1.0)  # the registry, routers and replicas see it gone while the rollout runs
+    chaos.redis.start()
+    return f"redis-server (pid {proc.pid}) killed, restarted after 1 s"
+
+
 FAULTS: list[tuple[str, Fault]] = [
+    ("redis killed and restarted", kill_and_restart_redis),
     ("replica killed", kill_a_replica),
 ]
 
@@ -158,7 +171,7 @@ def test_faults_during_a_rollout_under_load_fail_no_accepted_request_and_never_m
     with Load(chaos.stack) as load:
         # A canary with a hold, so every fault lands while the rollout is still going.
         pushed = registry.push(uri, who="chaos", rollout=policy("canary", canary_replicas=1, max_unavailable=1,
-                                                                canary_wait_s=3.0))
+                                                                canary_wait_s=10.0))
         for label, fault in FAULTS:
             deadline = time.monotonic() + 60
             while registry.rollout("math").state not in ("canary", "rolling"):
