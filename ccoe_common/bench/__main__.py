@@ -18,16 +18,20 @@ from ccoe_common.bench import memory, throughput
 from ccoe_common.console import UserError
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ccoe_common.bench",
-                                     description="the model benchmarks of `ccoe bench`, without the service stack")
-    kinds = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+def add_model_benchmarks(kinds: argparse._SubParsersAction) -> None:
+    """`memory` and `throughput`, as `ccoe bench` and this entry point both offer them."""
     p = kinds.add_parser("memory", help="resident memory: CCoE vs n separate models vs n LoRA adapters")
     memory.add_arguments(p)
     p.set_defaults(handler=memory.run)
     p = kinds.add_parser("throughput", help="tokens/s: CCoE vs bare backbone, multi-LoRA and separate models")
     throughput.add_arguments(p)
     p.set_defaults(handler=throughput.run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ccoe_common.bench",
+                                     description="the model benchmarks of `ccoe bench`, without the service stack")
+    add_model_benchmarks(parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK"))
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ccoe_common.bench import fuzz, memory, rollout, rules, serve, throughput
+from ccoe_common.bench import fuzz, rollout, rules, serve
+from ccoe_common.bench.__main__ import add_model_benchmarks
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="run a benchmark (ratios measured side by side in one run)")
     kinds = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    p = kinds.add_parser("memory", help="resident memory: CCoE vs n separate models vs n LoRA adapters")
-    memory.add_arguments(p)
-    p.set_defaults(handler=memory.run)
-    p = kinds.add_parser("throughput", help="tokens/s: CCoE vs bare backbone, multi-LoRA and separate models")
-    throughput.add_arguments(p)
-    p.set_defaults(handler=throughput.run)
+    add_model_benchmarks(kinds)
     p = kinds.add_parser("serve", help="served gRPC stack vs the in-process engine: tokens/s, TTFT, ITL")
     serve.add_arguments(p)
     p.set_defaults(handler=serve.run)
